@@ -1,0 +1,1 @@
+"""FashionChameleon API definitions (protobuf / gRPC). Sources: ``protos/fashionchameleon/*/*.proto``."""

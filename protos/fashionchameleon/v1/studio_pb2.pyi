@@ -1,0 +1,191 @@
+import datetime
+
+from fashionchameleon.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Session(_message.Message):
+    __slots__ = ("session_id", "tenant", "state", "created_at", "expires_at", "idle_timeout_seconds", "chunks_generated", "garment_id", "width", "height", "fps", "preset", "seed", "prompt", "prompt_revision", "options", "frames_generated", "error_message")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Session.State]
+        CREATING: _ClassVar[Session.State]
+        ACTIVE: _ClassVar[Session.State]
+        CLOSING: _ClassVar[Session.State]
+        CLOSED: _ClassVar[Session.State]
+        EXPIRED: _ClassVar[Session.State]
+        FAILED: _ClassVar[Session.State]
+    STATE_UNSPECIFIED: Session.State
+    CREATING: Session.State
+    ACTIVE: Session.State
+    CLOSING: Session.State
+    CLOSED: Session.State
+    EXPIRED: Session.State
+    FAILED: Session.State
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    PRESET_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tenant: str
+    state: Session.State
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    idle_timeout_seconds: float
+    chunks_generated: int
+    garment_id: str
+    width: int
+    height: int
+    fps: float
+    preset: str
+    seed: int
+    prompt: str
+    prompt_revision: int
+    options: _common_pb2.SessionOptions
+    frames_generated: int
+    error_message: str
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[Session.State, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_timeout_seconds: _Optional[float] = ..., chunks_generated: _Optional[int] = ..., garment_id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., preset: _Optional[str] = ..., seed: _Optional[int] = ..., prompt: _Optional[str] = ..., prompt_revision: _Optional[int] = ..., options: _Optional[_Union[_common_pb2.SessionOptions, _Mapping]] = ..., frames_generated: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class CreateSessionRequest(_message.Message):
+    __slots__ = ("reference", "garment", "prompt", "options", "request_id")
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    reference: _common_pb2.ImageInput
+    garment: _common_pb2.ImageInput
+    prompt: str
+    options: _common_pb2.SessionOptions
+    request_id: str
+    def __init__(self, reference: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., garment: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.SessionOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class StreamSessionRequest(_message.Message):
+    __slots__ = ("session_id", "resume_from_index")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    resume_from_index: int
+    def __init__(self, session_id: _Optional[str] = ..., resume_from_index: _Optional[int] = ...) -> None: ...
+
+class VideoChunk(_message.Message):
+    __slots__ = ("index", "fmp4", "num_frames", "first_frame_index", "start_seconds", "duration_seconds", "fps", "width", "height", "garment_id", "prompt_revision", "switch_applied", "is_init_segment_included", "generated_at", "generation_latency_seconds", "end_of_stream", "end_state", "prompt_update_applied", "mime_type", "session_id")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    FMP4_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    START_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    IS_INIT_SEGMENT_INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_AT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    END_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_UPDATE_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    fmp4: bytes
+    num_frames: int
+    first_frame_index: int
+    start_seconds: float
+    duration_seconds: float
+    fps: float
+    width: int
+    height: int
+    garment_id: str
+    prompt_revision: int
+    switch_applied: bool
+    is_init_segment_included: bool
+    generated_at: _timestamp_pb2.Timestamp
+    generation_latency_seconds: float
+    end_of_stream: bool
+    end_state: Session.State
+    prompt_update_applied: bool
+    mime_type: str
+    session_id: str
+    def __init__(self, index: _Optional[int] = ..., fmp4: _Optional[bytes] = ..., num_frames: _Optional[int] = ..., first_frame_index: _Optional[int] = ..., start_seconds: _Optional[float] = ..., duration_seconds: _Optional[float] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., garment_id: _Optional[str] = ..., prompt_revision: _Optional[int] = ..., switch_applied: _Optional[bool] = ..., is_init_segment_included: _Optional[bool] = ..., generated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., generation_latency_seconds: _Optional[float] = ..., end_of_stream: _Optional[bool] = ..., end_state: _Optional[_Union[Session.State, str]] = ..., prompt_update_applied: _Optional[bool] = ..., mime_type: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+
+class SwitchGarmentRequest(_message.Message):
+    __slots__ = ("session_id", "garment", "options", "request_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    garment: _common_pb2.ImageInput
+    options: _common_pb2.SwitchOptions
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., garment: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., options: _Optional[_Union[_common_pb2.SwitchOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SwitchGarmentResponse(_message.Message):
+    __slots__ = ("effective_chunk_index", "garment_id")
+    EFFECTIVE_CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    effective_chunk_index: int
+    garment_id: str
+    def __init__(self, effective_chunk_index: _Optional[int] = ..., garment_id: _Optional[str] = ...) -> None: ...
+
+class UpdatePromptRequest(_message.Message):
+    __slots__ = ("session_id", "prompt", "request_id")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    prompt: str
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class UpdatePromptResponse(_message.Message):
+    __slots__ = ("effective_chunk_index", "prompt_revision")
+    EFFECTIVE_CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    effective_chunk_index: int
+    prompt_revision: int
+    def __init__(self, effective_chunk_index: _Optional[int] = ..., prompt_revision: _Optional[int] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("state", "chunks_generated")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    state: Session.State
+    chunks_generated: int
+    def __init__(self, state: _Optional[_Union[Session.State, str]] = ..., chunks_generated: _Optional[int] = ...) -> None: ...
+
+class GetSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,154 @@
+"""What every `fashionchameleon` subcommand shares: the error type, the parser, JSON output,
+engine options and the checks that run before any model is built.
+
+Convention: a subcommand module exposes `register(subparsers)`, which adds its parser and sets
+`run=<function(args) -> int>` as a default. Bad user input is raised as `CliError`; `main`
+prints it as one `error: ...` line on stderr and exits with status 2. Results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from shared.media.images import ImageError, load_image
+from shared.models.attention import BACKENDS, use_attention_backend
+from shared.models.presets import Preset
+from shared.runtime.pipeline import DTYPES, EngineConfig
+
+USAGE_ERROR = 2
+
+
+class CliError(Exception):
+    """Bad input from the user: reported as one line, exit status 2, no traceback."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse's own `error` prints the usage block and exits)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on one line of stdout."""
+    sys.stdout.write(json.dumps(obj, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """diffusers / transformers warn about dtype casts and draw progress bars on every load and
+    save; keep stderr for our own messages."""
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+
+
+# ---- engine options ------------------------------------------------------------------------
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """--device/--dtype/--attention/--height/--width, shared by commands that run a model."""
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default: float32)")
+    p.add_argument(
+        "--attention", default="auto", choices=["auto", *BACKENDS], help="attention backend (default: auto)"
+    )
+    p.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
+    p.add_argument("--width", type=int, help="video width in pixels (default: the preset's)")
+
+
+def engine_config(args: argparse.Namespace, preset: Preset, **streaming_overrides: Any) -> EngineConfig:
+    """Check the engine options against `preset` (no model built) and return the config."""
+    check_device(args.device)
+    try:
+        with use_attention_backend(args.attention):
+            pass
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if (args.height is None) != (args.width is None):
+        raise CliError("--height and --width go together")
+    if args.height is not None:
+        try:
+            preset.check_resolution(args.height, args.width)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+    return EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention,
+        height=args.height,
+        width=args.width,
+        streaming_overrides=streaming_overrides,
+    )
+
+
+def check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"device {name!r} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    elif device.type != "cpu":
+        raise CliError(f"device type {device.type!r} is not supported (use cpu or cuda)")
+    return device
+
+
+# ---- input / output checks -----------------------------------------------------------------
+def read_image(path: str, what: str):
+    """Load and fully decode an image (PIL RGB); any problem becomes a CliError naming `what`."""
+    try:
+        return load_image(path)
+    except ImageError as e:
+        detail = str(e) if str(path) in str(e) else f"{path}: {e}"
+        raise CliError(f"{what} image {detail}") from None
+
+
+def check_output_file(path: str | Path) -> Path:
+    """Make sure a file can be created at `path` (parents are created); returns the absolute path.
+
+    Probes with a real temporary file, so read-only file systems and missing permissions are
+    caught even when running as root.
+    """
+    out = Path(path).expanduser().absolute()
+    if out.is_dir():
+        raise CliError(f"output {out} is a directory; give a file name")
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CliError(f"output folder {out.parent} is not writable: {existing} is a file")
+    _probe_writable(out.parent)
+    return out
+
+
+def check_output_folder(path: str | Path, force: bool = False) -> Path:
+    """A folder to write a checkpoint into: new or empty (or anything with `force`) and writable."""
+    out = Path(path).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise CliError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CliError(f"output folder {out} is not empty (use --force to write into it)")
+    existing = next((p for p in out.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CliError(f"output folder {out} is not writable: {existing} is a file")
+    _probe_writable(out)
+    return out
+
+
+def _probe_writable(folder: Path) -> None:
+    """Create `folder` (and parents) and a temporary file in it, or raise CliError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fashionchameleon-", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise CliError(f"output folder {folder} is not writable: {e.strerror or e}") from None

@@ -1,0 +1,78 @@
+"""Every Redis key name used by shared.queue, built in one place.
+
+Layout (namespace `fc`, session `abc`):
+
+    fc:session:{abc}                 hash    the session record
+    fc:session:{abc}:lease           string  replica holding the session (PX = lease)
+    fc:session:{abc}:control         stream  control commands (gateway -> replica)
+    fc:session:{abc}:results         hash    command id -> effective chunk index
+    fc:session:{abc}:result-events   stream  one entry per acked command (wakes waiters)
+    fc:session:{abc}:output          stream  video chunks, entry id = chunk index + 1
+    fc:index:live                    zset    live session ids, score = idle deadline (unix s)
+    fc:index:replica:<replica>       set     live session ids held by a replica
+    fc:index:tenant:<tenant>         set     live session ids of a tenant
+
+The `{session_id}` hash tag puts all of a session's keys on one Redis Cluster slot, so the
+Lua scripts that keep them consistent touch a single slot. The index keys are global and
+live on other slots: they are updated right after the per-session script and are repaired
+by readers and the reaper (see sessions.py).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Ids end up inside key names and hash tags: no braces, no whitespace, bounded length.
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/\-]{1,128}$")
+
+
+def validate_id(value: str, what: str) -> str:
+    """Return `value` if it is usable as a session/tenant/replica id inside a key name."""
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise ValueError(f"invalid {what} {value!r}: expected 1-128 chars of [A-Za-z0-9_.:@/-]")
+    return value
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """The per-session keys, all on the slot of `{session_id}`."""
+
+    record: str
+    lease: str
+    control: str
+    results: str
+    result_events: str
+    output: str
+
+    def all(self) -> tuple[str, ...]:
+        return (self.record, self.lease, self.control, self.results, self.result_events, self.output)
+
+
+class KeySpace:
+    """Builds namespaced key names. The namespace separates deployments sharing one Redis."""
+
+    def __init__(self, namespace: str) -> None:
+        if not namespace or "{" in namespace or "}" in namespace:
+            raise ValueError(f"invalid namespace {namespace!r}")
+        self.namespace = namespace
+
+    def session(self, session_id: str) -> SessionKeys:
+        base = f"{self.namespace}:session:{{{validate_id(session_id, 'session id')}}}"
+        return SessionKeys(
+            record=base,
+            lease=f"{base}:lease",
+            control=f"{base}:control",
+            results=f"{base}:results",
+            result_events=f"{base}:result-events",
+            output=f"{base}:output",
+        )
+
+    def live_index(self) -> str:
+        return f"{self.namespace}:index:live"
+
+    def replica_index(self, replica: str) -> str:
+        return f"{self.namespace}:index:replica:{validate_id(replica, 'replica')}"
+
+    def tenant_index(self, tenant: str) -> str:
+        return f"{self.namespace}:index:tenant:{validate_id(tenant, 'tenant')}"
