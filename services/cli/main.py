@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import checkpoint, generate, presets
+from . import checkpoint, generate, presets, serve
 from .common import USAGE_ERROR, CliError, Parser, quiet_libraries
 
-COMMANDS = (generate, checkpoint, presets)
+COMMANDS = (generate, checkpoint, presets, serve)
 
 
 def build_parser() -> Parser:

@@ -34,12 +34,17 @@ class CheckpointError(ValueError):
     pass
 
 
+ALL_PARTS = frozenset({"dit", "vae", "text_encoder"})
+
+
 @dataclass
 class Components:
+    """Loaded components; a part not asked for is None (a decoder replica needs no DiT)."""
+
     preset: Preset
-    dit: InContextWanDiT
-    vae: VideoVAE
-    text_encoder: TextEncoder
+    dit: InContextWanDiT | None
+    vae: VideoVAE | None
+    text_encoder: TextEncoder | None
     checkpoint_id: str = "random"
 
 
@@ -53,7 +58,9 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def build_random(preset: Preset, seed: int = 0, dtype: torch.dtype = torch.float32) -> Components:
+def build_random(
+    preset: Preset, seed: int = 0, dtype: torch.dtype = torch.float32, parts: frozenset[str] = ALL_PARTS
+) -> Components:
     """Random-weight components of a preset (deterministic for a seed; no file is read).
 
     Weights are created directly in `dtype`. A preset whose tokenizer is read from a checkpoint
@@ -65,10 +72,10 @@ def build_random(preset: Preset, seed: int = 0, dtype: torch.dtype = torch.float
             update={"text_encoder": preset.text_encoder.model_copy(update={"tokenizer": "byte"})}
         )
     with _default_dtype(dtype):
-        dit = InContextWanDiT.build(preset.dit, seed=seed)
-        vae = VideoVAE.build(preset.vae, seed=seed + 1)
-        text = TextEncoder.build(preset.text_encoder, seed=seed + 2)
-    return Components(preset, dit.eval(), vae, text, checkpoint_id=f"random-{preset.name}-seed{seed}")
+        dit = InContextWanDiT.build(preset.dit, seed=seed).eval() if "dit" in parts else None
+        vae = VideoVAE.build(preset.vae, seed=seed + 1) if "vae" in parts else None
+        text = TextEncoder.build(preset.text_encoder, seed=seed + 2) if "text_encoder" in parts else None
+    return Components(preset, dit, vae, text, checkpoint_id=f"random-{preset.name}-seed{seed}")
 
 
 def save_checkpoint(components: Components, out_dir: str | Path) -> Path:
@@ -137,17 +144,24 @@ def _folder_id(root: Path) -> str:
 
 
 def load_checkpoint(
-    path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    parts: frozenset[str] = ALL_PARTS,
 ) -> Components:
     root = Path(path)
     preset, checkpoint_id = read_preset(root)
-    dit = InContextWanDiT.from_pretrained(root / "transformer", dtype=dtype).to(device).eval()
-    vae = VideoVAE.from_pretrained(root / "vae", device=device, dtype=dtype)
-    text = TextEncoder.from_pretrained(
-        root / "text_encoder",
-        root / "tokenizer",
-        max_length=preset.text_encoder.max_length,
-        device=device,
-        dtype=dtype,
-    )
+    dit = vae = text = None
+    if "dit" in parts:
+        dit = InContextWanDiT.from_pretrained(root / "transformer", dtype=dtype).to(device).eval()
+    if "vae" in parts:
+        vae = VideoVAE.from_pretrained(root / "vae", device=device, dtype=dtype)
+    if "text_encoder" in parts:
+        text = TextEncoder.from_pretrained(
+            root / "text_encoder",
+            root / "tokenizer",
+            max_length=preset.text_encoder.max_length,
+            device=device,
+            dtype=dtype,
+        )
     return Components(preset, dit, vae, text, checkpoint_id=checkpoint_id)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 
 from shared.media.images import prepare_garment, prepare_reference, to_tensor
 from shared.models.attention import use_attention_backend
-from shared.models.checkpoint import Components, build_random, load_checkpoint
+from shared.models.checkpoint import ALL_PARTS, Components, build_random, load_checkpoint
 from shared.models.presets import get_preset
 from shared.models.rope import RopeTable
 from shared.models.text_encoder import validate_prompt
@@ -70,18 +70,24 @@ class Engine:
         self.device = torch.device(config.device)
         self.dtype = config.torch_dtype
         self.checkpoint_id = components.checkpoint_id
-        self.dit = components.dit.to(device=self.device, dtype=self.dtype).eval()
-        self.vae = components.vae.to(self.device, self.dtype)
-        self.text_encoder = components.text_encoder.to(self.device, self.dtype)
+        # A replica may load only some parts (a decoder needs no DiT); missing ones stay None.
+        c = components
+        self.dit = c.dit.to(device=self.device, dtype=self.dtype).eval() if c.dit is not None else None
+        self.vae = c.vae.to(self.device, self.dtype) if c.vae is not None else None
+        self.text_encoder = c.text_encoder.to(self.device, self.dtype) if c.text_encoder is not None else None
         self.rope = RopeTable(preset.dit.attention_head_dim, preset.token_grid(), device=self.device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "Engine":
-        return cls(load_checkpoint(path, device="cpu", dtype=config.torch_dtype), config)
+    def from_checkpoint(
+        cls, path: str | Path, config: EngineConfig = EngineConfig(), parts: frozenset[str] = ALL_PARTS
+    ) -> "Engine":
+        return cls(load_checkpoint(path, device="cpu", dtype=config.torch_dtype, parts=parts), config)
 
     @classmethod
-    def from_preset(cls, name: str, config: EngineConfig = EngineConfig(), seed: int = 0) -> "Engine":
-        return cls(build_random(get_preset(name), seed=seed), config)
+    def from_preset(
+        cls, name: str, config: EngineConfig = EngineConfig(), seed: int = 0, parts: frozenset[str] = ALL_PARTS
+    ) -> "Engine":
+        return cls(build_random(get_preset(name), seed=seed, dtype=config.torch_dtype, parts=parts), config)
 
     # ---- encoders (no session state) ---------------------------------------------------
     def _pixels(self, img: Image.Image) -> torch.Tensor:

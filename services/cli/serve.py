@@ -1,0 +1,163 @@
+"""`fashionchameleon up` (the embedded default) and `fashionchameleon demo` (a scripted session).
+
+`up` starts a local Ray, a local redis-server (unless --redis-url), the local filesystem store
+and all deployments, prints where it listens as JSON and serves until interrupted. `demo`
+talks to a running Studio (--target) or starts the embedded default itself, opens a session,
+switches garment twice, saves the MP4 and prints latency figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import signal
+import statistics
+import threading
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .common import CliError, print_json
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    up = subparsers.add_parser("up", help="start the embedded default service suite and serve until interrupted")
+    _model_args(up)
+    up.add_argument("--redis-url", help="use this Redis instead of starting a local redis-server")
+    up.add_argument("--store", help="folder of the local object store (default: a temporary folder)")
+    up.add_argument("--grpc-port", type=int, default=9000, help="Studio gRPC port (default 9000)")
+    up.add_argument("--api-key", help="API key for tenant 'dev' (default: a random one, printed)")
+    up.set_defaults(run=run_up)
+
+    demo = subparsers.add_parser("demo", help="open a session, switch garment twice, save the MP4, print latencies")
+    _model_args(demo)
+    demo.add_argument("--target", help="a running Studio (host:port); default: start the embedded default")
+    demo.add_argument("--api-key", help="API key for --target")
+    demo.add_argument("--chunks", type=int, default=8, help="chunks to stream (default 8)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="demo.mp4", help="where to save the clip (default demo.mp4)")
+    demo.set_defaults(run=run_demo)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="preset with random weights (default tiny)")
+    p.add_argument("--checkpoint", help="checkpoint folder (overrides --preset)")
+    p.add_argument("--no-realtime", action="store_true", help="generate as fast as possible, not at playback pace")
+
+
+def _start(args, **extra):
+    from services.launcher import start_embedded
+
+    try:
+        return start_embedded(
+            preset=args.preset, checkpoint=args.checkpoint, realtime=not args.no_realtime, **extra
+        )
+    except RuntimeError as e:
+        raise CliError(str(e)) from None
+
+
+def run_up(args) -> int:
+    emb = _start(args, redis_url=args.redis_url, store_root=args.store, grpc_port=args.grpc_port, api_key=args.api_key)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print_json({"status": "serving", **emb.describe()})
+    try:
+        stop.wait()
+    finally:
+        emb.stop()
+    return 0
+
+
+def _image_bytes(name: str, fallback_color: tuple[int, int, int]) -> bytes:
+    path = EXAMPLES / name
+    if path.exists():
+        return path.read_bytes()
+    img = Image.new("RGB", (240, 320), (230, 230, 230))  # installed without the examples folder
+    ImageDraw.Draw(img).rectangle((60, 60, 180, 260), fill=fallback_color)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def run_demo(args) -> int:
+    from services.studio.client import StudioClient
+    from shared.media.video import probe_video
+
+    if args.chunks < 5:
+        raise CliError("--chunks must be at least 5 (two switches need room)")
+    emb = None
+    if args.target:
+        if not args.api_key:
+            raise CliError("--target needs --api-key")
+        target, api_key = args.target, args.api_key
+    else:
+        emb = _start(args)
+        target, api_key = emb.grpc_target, emb.api_key
+    person = _image_bytes("person.png", (90, 110, 150))
+    garments = [_image_bytes("garment-red.png", (200, 40, 50)), _image_bytes("garment-green.png", (40, 150, 80))]
+    switch_at = {1: garments[1], 3: garments[0]}  # after receiving chunk 1 and 3
+    try:
+        with StudioClient(target, api_key) as client:
+            t0 = time.perf_counter()
+            session = client.create_session(
+                person, garments[0], "A person walks toward the camera and smiles", seed=args.seed,
+                options={"max_chunks": args.chunks},
+            )
+            created = time.perf_counter()
+            arrivals: list[float] = []
+            switches: list[dict] = []
+            frames = 0
+            out = Path(args.out)
+            with out.open("wb") as f:
+                for chunk in client.stream(session.session_id):
+                    if chunk.end_of_stream:
+                        break
+                    now = time.perf_counter()
+                    arrivals.append(now)
+                    f.write(chunk.fmp4)
+                    frames += chunk.num_frames
+                    for s in switches:
+                        if chunk.switch_applied and "visible_seconds" not in s and chunk.index >= s["effective_chunk"]:
+                            s["visible_seconds"] = now - s["sent"]
+                    if chunk.index in switch_at:
+                        sent = time.perf_counter()
+                        resp = client.switch_garment(session.session_id, switch_at[chunk.index])
+                        switches.append({"after_chunk": chunk.index, "effective_chunk": resp.effective_chunk_index,
+                                         "sent": sent, "ack_seconds": time.perf_counter() - sent})
+            closed = client.close_session(session.session_id)
+        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        info = probe_video(out)
+        print_json({
+            "session_id": session.session_id,
+            "target": target,
+            "out": str(out),
+            "chunks": len(arrivals),
+            "frames": frames,
+            "mp4_frames": info.num_frames,
+            "create_seconds": round(created - t0, 4),
+            "time_to_first_chunk_seconds": round(arrivals[0] - created, 4) if arrivals else None,
+            "inter_chunk_p50_seconds": _round(_pct(gaps, 50)),
+            "inter_chunk_p99_seconds": _round(_pct(gaps, 99)),
+            "switches": [{k: _round(v) for k, v in s.items() if k != "sent"} for s in switches],
+            "final_state": int(closed.state),
+        })
+    finally:
+        if emb is not None:
+            emb.stop()
+    return 0
+
+
+def _round(v):
+    return round(v, 4) if isinstance(v, float) else v

@@ -1,0 +1,368 @@
+"""Generator service: the DiT, the sessions' KV caches, and one streaming loop per session.
+
+A session lives on the replica that admitted it. Its loop:
+
+  1. applies control commands (switch garment, update prompt, close) from the session's Redis
+     control stream at the chunk boundary, acknowledging the chunk index they take effect at;
+  2. waits while the client is more than `max_client_lag_chunks` behind, and paces chunk k to
+     be ready `lead_chunks` before its playback time (when `realtime`);
+  3. generates chunk k (one DiT step at a time per replica, sessions take turns);
+  4. sends the latents to the decoder and, while the decoder works, goes on with chunk k+1;
+     the decoded fMP4 piece of chunk k is appended to the session's Redis output stream.
+
+Admission control: a session needs `KVCacheSpec.bytes`; a replica admits while the sum stays
+within its KV budget, else RESOURCE_EXHAUSTED (the gateway then tries another replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+
+from fashionchameleon.v1 import common_pb2, decoder_pb2, encoder_pb2, generator_pb2
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.model import load_engine
+from services.common.tensors import pad_text_embedding, tensor_from_proto, tensor_to_proto
+from shared.config import AppConfig
+from shared.queue import CommandType, SessionRegistry, SessionState
+from shared.queue.config import connect
+from shared.runtime.kv_cache import KVCacheSpec
+from shared.runtime.session import StreamingSession, SwitchOptions
+
+log = logging.getLogger(__name__)
+
+
+def switch_options_from_proto(opts: common_pb2.SwitchOptions, default: SwitchOptions = SwitchOptions()) -> SwitchOptions:
+    """Unset fields take the session default (itself "on" unless the session said otherwise)."""
+    return SwitchOptions(
+        refresh=opts.refresh_garment_kv if opts.HasField("refresh_garment_kv") else default.refresh,
+        withdraw=opts.withdraw_history_kv if opts.HasField("withdraw_history_kv") else default.withdraw,
+        disentangle=opts.disentangle_reference_kv if opts.HasField("disentangle_reference_kv") else default.disentangle,
+    )
+
+
+@dataclass
+class _Pending:
+    index: int
+    response: object  # DeploymentResponse of the decoder call
+    meta: dict
+    started: float
+
+
+@dataclass
+class SessionRunner:
+    service: "GeneratorService"
+    session_id: str
+    tenant: str
+    session: StreamingSession
+    garment_id: str
+    options: SwitchOptions
+    max_chunks: int
+    prompt_revision: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+    playback_start: float | None = None
+    task: asyncio.Task | None = None
+    end_reason: str = "closed"
+    _switch_applied: bool = False
+    _prompt_applied: bool = False
+
+    # ---- control ---------------------------------------------------------------------
+    async def _apply(self, cmd, pending: _Pending | None) -> _Pending | None:
+        svc = self.service
+        k = self.session.chunk_index
+        if cmd.type == CommandType.SWITCH_GARMENT:
+            p = cmd.payload
+            garment = await svc.encode_garment(p["garment_key"])
+            options = SwitchOptions(**{**self.options.__dict__, **p.get("options", {})})
+            new_ref = None
+            if k == 0:  # nothing streamed yet: the new garment simply replaces the old one
+                options = SwitchOptions(refresh=True, withdraw=False, disentangle=False)
+            elif options.disentangle:
+                if pending is not None:
+                    await self._publish(pending)
+                    pending = None
+                new_ref = tensor_from_proto(
+                    await svc.decoder.options(session_id=self.session_id).encode_last_frame.remote(self.session_id)
+                )
+            async with svc.compute():
+                await asyncio.to_thread(self.session.switch_garment, garment, new_ref, options)
+            self.garment_id = p.get("garment_id", self.garment_id)
+            self._switch_applied = True
+        elif cmd.type == CommandType.UPDATE_PROMPT:
+            embedding = await svc.encode_prompt(cmd.payload["prompt"])
+            self.session.set_prompt(embedding, cmd.payload["prompt"])
+            self.prompt_revision = int(cmd.payload.get("revision", self.prompt_revision + 1))
+            self._prompt_applied = True
+        return pending
+
+    # ---- output ------------------------------------------------------------------------
+    async def _publish(self, pending: _Pending) -> None:
+        svc = self.service
+        resp: decoder_pb2.DecodeChunkResponse = await pending.response
+        if resp.init_segment:
+            await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
+        meta = {
+            **pending.meta,
+            "num_frames": resp.num_frames,
+            "first_frame_index": resp.first_frame_index,
+            "init_included": bool(resp.init_segment),
+            "mime_type": resp.mime_type,
+            "fps": resp.fps,
+            "decode_seconds": resp.timings.total_seconds,
+            "ready_at": time.time(),
+        }
+        await svc.registry.output(self.session_id).append(pending.index, resp.fmp4, meta)
+        if pending.index == 0:
+            self.playback_start = time.monotonic()
+
+    async def _client_index(self) -> int | None:
+        """Last chunk index the client received; None once the session ended underneath us."""
+        record = await self.service.registry.get(self.session_id)
+        if record is None or record.is_terminal:
+            return None
+        return int(record.meta.get("client_index", -1))
+
+    def _ready_time(self, k: int) -> float | None:
+        """Monotonic time before which chunk k need not be generated (playback pacing)."""
+        cfg = self.service.config.generator
+        if not cfg.realtime or self.playback_start is None or k == 0:
+            return None
+        st = self.session.preset.streaming
+        frames_before = 1 + 4 * (st.chunk_frames * k - 1)  # pixel frames of chunks 0..k-1
+        per_chunk = 4 * st.chunk_frames / st.fps
+        return self.playback_start + frames_before / st.fps - cfg.lead_chunks * per_chunk
+
+    # ---- the loop ----------------------------------------------------------------------
+    async def run(self) -> None:
+        svc = self.service
+        cfg = svc.config.generator
+        control = svc.registry.control(self.session_id)
+        pending: _Pending | None = None
+        try:
+            while True:
+                for command_id, cmd in await control.read():
+                    if cmd.type == CommandType.CLOSE:
+                        self.end_reason = str(cmd.payload.get("reason", "closed"))
+                        return
+                    pending = await self._apply(cmd, pending)
+                    await control.ack_result(command_id, self.session.chunk_index)
+                k = self.session.chunk_index
+                if k >= self.max_chunks:
+                    self.end_reason = "max_chunks"
+                    return
+                client = await self._client_index()
+                if client is None:
+                    self.end_reason = "closed"
+                    return
+                if k - client > cfg.max_client_lag_chunks:
+                    await asyncio.sleep(cfg.control_poll_s)  # client behind: stop generating
+                    continue
+                ready = self._ready_time(k)
+                if ready is not None and time.monotonic() < ready:
+                    await asyncio.sleep(min(cfg.control_poll_s, ready - time.monotonic()))
+                    continue
+                started = time.perf_counter()
+                async with svc.compute():
+                    latents = await asyncio.to_thread(self.session.next_chunk)
+                gen_s = time.perf_counter() - started
+                meta = {
+                    "garment_id": self.garment_id,
+                    "prompt_revision": self.prompt_revision,
+                    "switch_applied": self._switch_applied,
+                    "prompt_update_applied": self._prompt_applied,
+                    "generation_seconds": gen_s,
+                    "generated_at": time.time(),
+                }
+                self._switch_applied = self._prompt_applied = False
+                if pending is not None:
+                    await self._publish(pending)  # chunk k-1 was decoded while chunk k was generated
+                    pending = None
+                request = decoder_pb2.DecodeChunkRequest(
+                    session_id=self.session_id, chunk_index=k, latents=tensor_to_proto(latents.cpu()), reset=k == 0
+                )
+                response = svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(request)
+                pending = _Pending(k, response, meta, started)
+        except asyncio.CancelledError:
+            self.end_reason = "closed"
+        except Exception as exc:  # noqa: BLE001 - the session fails, the replica keeps serving
+            log.exception("session %s failed", self.session_id)
+            self.end_reason = "failed"
+            with contextlib.suppress(Exception):
+                await svc.registry.set_state(self.session_id, SessionState.FAILED, reason=str(exc)[:200])
+        finally:
+            if pending is not None and self.end_reason != "failed":
+                with contextlib.suppress(Exception):
+                    await self._publish(pending)
+            await svc.finish(self)
+
+
+class GeneratorService:
+    def __init__(self, config_json: str, decoder, encoder):
+        self.config = AppConfig.from_json(config_json)
+        self.engine = load_engine(self.config.model, frozenset({"dit"}))
+        self.decoder = decoder
+        self.encoder = encoder
+        self.replica_id = f"gen-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.spec = KVCacheSpec.from_preset(self.engine.preset, self.engine.dtype)
+        self.budget = self.config.generator.kv_cache_budget_bytes or self._default_budget()
+        self.runners: dict[str, SessionRunner] = {}
+        self.draining = False
+        self.redis = None
+        self.registry: SessionRegistry | None = None
+        self._compute_lock: asyncio.Lock | None = None
+        self._background: asyncio.Task | None = None
+        self.text_max_length = self.engine.preset.text_encoder.max_length
+
+    def _default_budget(self) -> int:
+        if self.engine.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.engine.device)
+            return int(free * 0.9)
+        return 4 * 2**30
+
+    # ---- plumbing ----------------------------------------------------------------------
+    async def _ensure_started(self) -> None:
+        if self.registry is None:
+            self.redis = connect(self.config.redis)
+            self.registry = SessionRegistry(self.redis, self.config.redis)
+            self._compute_lock = asyncio.Lock()
+            self._background = asyncio.create_task(self._maintain())
+
+    @contextlib.asynccontextmanager
+    async def compute(self):
+        async with self._compute_lock:
+            yield
+
+    def init_key(self, session_id: str) -> str:
+        return f"{self.config.redis.namespace}:session:{{{session_id}}}:init"
+
+    async def _maintain(self) -> None:
+        """Renew this replica's leases and reap idle sessions (any replica may reap any session)."""
+        cfg = self.config.generator
+        while True:
+            with contextlib.suppress(Exception):
+                for sid in list(self.runners):
+                    await self.registry.renew(sid, self.replica_id)
+                await self.registry.reap_expired()
+            await asyncio.sleep(min(cfg.reaper_interval_s, self.config.redis.session_lease_s / 3))
+
+    async def encode_garment(self, object_key: str) -> torch.Tensor:
+        req = encoder_pb2.EncodeImageRequest(
+            image=common_pb2.ImageInput(object_key=object_key), kind=encoder_pb2.IMAGE_KIND_GARMENT
+        )
+        return tensor_from_proto((await self.encoder.EncodeImage.remote(req)).latent)
+
+    async def encode_prompt(self, prompt: str) -> torch.Tensor:
+        resp = await self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=prompt))
+        return pad_text_embedding(tensor_from_proto(resp.embedding), self.text_max_length)
+
+    # ---- capacity ----------------------------------------------------------------------
+    def capacity(self) -> generator_pb2.GeneratorCapacity:
+        used = len(self.runners) * self.spec.bytes
+        return generator_pb2.GeneratorCapacity(
+            replica_id=self.replica_id,
+            kv_cache_budget_bytes=self.budget,
+            kv_cache_bytes=used,
+            free_bytes=max(0, self.budget - used),
+            active_sessions=len(self.runners),
+            max_sessions=min(self.config.generator.max_sessions, self.budget // max(1, self.spec.bytes)),
+            session_kv_cache_bytes=self.spec.bytes,
+        )
+
+    async def get_capacity(self) -> generator_pb2.GeneratorCapacity:
+        return self.capacity()
+
+    # ---- RPCs --------------------------------------------------------------------------
+    async def open_session(
+        self, state: generator_pb2.SessionState, tenant: str, meta: dict
+    ) -> generator_pb2.GeneratorOpenSessionResponse:
+        """Admit a session, run its cond forward and start its loop."""
+        await self._ensure_started()
+        cap = self.capacity()
+        if self.draining:
+            raise ResourceExhausted("replica is draining", reason="CAPACITY_EXHAUSTED", retry_after_s=1.0)
+        if cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+            raise ResourceExhausted(
+                f"generator replica full ({cap.active_sessions} sessions, {cap.free_bytes} bytes free)",
+                reason="CAPACITY_EXHAUSTED",
+                retry_after_s=5.0,
+            )
+        st = self.engine.preset.streaming
+        if (state.width, state.height) not in ((0, 0), (st.width, st.height)):
+            raise InvalidArgument(
+                f"resolution {state.width}x{state.height} not served (this deployment runs {st.width}x{st.height})",
+                reason="RESOLUTION_UNSUPPORTED",
+            )
+        sid = state.session_id
+        latent_shape = (1, self.engine.preset.dit.in_channels, 1, *self.engine.preset.latent_hw())
+        reference = tensor_from_proto(state.reference_latent, expected_shape=latent_shape)
+        garment = tensor_from_proto(state.garment_latent, expected_shape=latent_shape)
+        text = pad_text_embedding(tensor_from_proto(state.prompt_embedding), self.text_max_length)
+        session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
+                                   rope=self.engine.rope)
+        await self.registry.create(sid, tenant, self.replica_id, meta, idle_ttl_s=meta.get("idle_ttl_s"))
+        started = time.perf_counter()
+        try:
+            async with self.compute():
+                await asyncio.to_thread(session.open, reference, garment, text, int(state.seed), 0, state.prompt)
+        except Exception:
+            await self.registry.set_state(sid, SessionState.FAILED, reason="open failed")
+            raise
+        cond_s = time.perf_counter() - started
+        runner = SessionRunner(
+            self, sid, tenant, session, state.garment_id,
+            switch_options_from_proto(state.switch_options),
+            max_chunks=min(int(meta.get("max_chunks") or 0) or self.config.generator.max_chunks_per_session,
+                           self.config.generator.max_chunks_per_session),
+        )
+        self.runners[sid] = runner
+        await self.registry.set_state(
+            sid, SessionState.ACTIVE, width=st.width, height=st.height, fps=st.fps, preset=self.engine.preset.name
+        )
+        runner.task = asyncio.create_task(runner.run())
+        return generator_pb2.GeneratorOpenSessionResponse(
+            session_id=sid, replica_id=self.replica_id, next_chunk_index=0,
+            session_kv_cache_bytes=self.spec.bytes, cond_seconds=cond_s, capacity=self.capacity(),
+        )
+
+    async def finish(self, runner: SessionRunner) -> None:
+        """Free a finished session's cache and decoder state; end its record."""
+        runner.session.close()
+        self.runners.pop(runner.session_id, None)
+        with contextlib.suppress(Exception):
+            await self.decoder.options(session_id=runner.session_id).CloseSession.remote(
+                decoder_pb2.DecoderCloseSessionRequest(session_id=runner.session_id)
+            )
+        with contextlib.suppress(Exception):
+            if runner.end_reason != "failed":
+                await self.registry.close(runner.session_id, reason=runner.end_reason)
+            await self.registry.release(runner.session_id, self.replica_id)
+
+    async def CloseSession(self, request: generator_pb2.GeneratorCloseSessionRequest):
+        await self._ensure_started()
+        runner = self.runners.get(request.session_id)
+        if runner is None:
+            raise FailedPrecondition(f"session {request.session_id} is not on this replica",
+                                     reason="SESSION_NOT_ON_REPLICA")
+        chunks = runner.session.chunk_index
+        runner.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner.task
+        return generator_pb2.GeneratorCloseSessionResponse(
+            chunks_generated=chunks, freed_bytes=self.spec.bytes, capacity=self.capacity()
+        )
+
+    async def drain(self) -> int:
+        """Stop admitting sessions (graceful drain); live ones run on. Returns live sessions."""
+        self.draining = True
+        return len(self.runners)
+
+    async def check_health(self) -> None:
+        if self._background is not None and self._background.done():
+            raise RuntimeError("generator maintenance loop stopped")

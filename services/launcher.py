@@ -1,0 +1,179 @@
+"""The embedded default: a local Ray, a local redis-server (when none is given), the local
+filesystem store and every deployment on the tiny preset. Used by `fashionchameleon up`,
+`fashionchameleon demo` and the integration tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import AppConfig, AuthConfig, GeneratorConfig, ModelConfig, ServeConfig
+from shared.queue.config import RedisConfig
+from shared.storage.config import LocalStoreConfig, StorageConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LocalRedis:
+    url: str
+    process: subprocess.Popen
+    workdir: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(5)
+            if self.process.poll() is None:
+                self.process.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis_server(binary: str = "redis-server", timeout_s: float = 10.0) -> LocalRedis:
+    """A throwaway redis-server on a free loopback port (no persistence)."""
+    exe = shutil.which(binary)
+    if exe is None:
+        raise RuntimeError("redis-server not found: install Redis or pass --redis-url")
+    workdir = Path(tempfile.mkdtemp(prefix="fc-redis-"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            if s.recv(16).startswith(b"+PONG"):
+                return LocalRedis(f"redis://127.0.0.1:{port}/0", proc, workdir)
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"redis-server did not start on port {port}")
+
+
+def embedded_config(
+    *,
+    preset: str = "tiny",
+    checkpoint: str | None = None,
+    redis_url: str,
+    store_root: str,
+    api_keys: dict[str, str],
+    grpc_port: int,
+    http_port: int,
+    realtime: bool = True,
+    namespace: str = "fc",
+    idle_ttl_s: float = 300.0,
+    generator: dict | None = None,
+) -> AppConfig:
+    return AppConfig(
+        model=ModelConfig(preset=preset, checkpoint=checkpoint),
+        redis=RedisConfig(url=redis_url, namespace=namespace, session_idle_ttl_s=idle_ttl_s),
+        storage=StorageConfig(backend="local", local=LocalStoreConfig(root=store_root)),
+        generator=GeneratorConfig(realtime=realtime, **(generator or {})),
+        auth=AuthConfig(api_keys=api_keys),
+        serve=ServeConfig(grpc_port=grpc_port, http_port=http_port),
+    )
+
+
+@dataclass
+class Embedded:
+    config: AppConfig
+    api_key: str
+    redis: LocalRedis | None = None
+    cleanup: list = field(default_factory=list)
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.config.serve.grpc_port}"
+
+    def describe(self) -> dict:
+        c = self.config
+        return {
+            "grpc": self.grpc_target,
+            "application": c.serve.app_name,
+            "api_key": self.api_key,
+            "tenant": next(iter(c.auth.api_keys)),
+            "redis": c.redis.url,
+            "store": c.storage.local.root if c.storage.backend == "local" else c.storage.s3.endpoint,
+            "model": c.model.model_id,
+        }
+
+    def stop(self) -> None:
+        from ray import serve
+        import ray
+
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if self.redis is not None:
+            self.redis.stop()
+        for fn in reversed(self.cleanup):
+            with contextlib.suppress(Exception):
+                fn()
+
+
+def start_app(config: AppConfig, *, num_cpus: int | None = None) -> None:
+    """Start Ray + Serve (gRPC on config.serve.grpc_port) and deploy the application."""
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions, gRPCOptions
+
+    from services.app import STUDIO_SERVICER, build_app
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+    serve.start(
+        grpc_options=gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=[STUDIO_SERVICER]),
+        http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),
+    )
+    serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=False)
+
+
+def start_embedded(
+    *,
+    preset: str = "tiny",
+    checkpoint: str | None = None,
+    redis_url: str | None = None,
+    store_root: str | None = None,
+    api_key: str | None = None,
+    tenant: str = "dev",
+    grpc_port: int | None = None,
+    realtime: bool = True,
+    idle_ttl_s: float = 300.0,
+    generator: dict | None = None,
+) -> Embedded:
+    redis = start_redis_server() if redis_url is None else None
+    cleanup = []
+    if store_root is None:
+        store_root = tempfile.mkdtemp(prefix="fc-store-")
+        cleanup.append(lambda: shutil.rmtree(store_root, ignore_errors=True))
+    key = api_key or f"dev-{secrets.token_urlsafe(18)}"
+    config = embedded_config(
+        preset=preset, checkpoint=checkpoint, redis_url=redis_url or redis.url, store_root=store_root,
+        api_keys={tenant: key}, grpc_port=grpc_port or free_port(), http_port=free_port(), realtime=realtime,
+        idle_ttl_s=idle_ttl_s, generator=generator,
+    )
+    embedded = Embedded(config, key, redis, cleanup)
+    try:
+        start_app(config)
+    except Exception:
+        embedded.stop()
+        raise
+    return embedded

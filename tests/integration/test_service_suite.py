@@ -1,0 +1,259 @@
+"""The service suite end to end: real redis-server, real S3 (SeaweedFS), real Ray Serve, gRPC
+over loopback, the tiny preset.
+
+One application serves the whole module (Ray start-up dominates the cost). Sessions run
+without playback pacing so the tests stay fast; pacing is unit-tested on the runner.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionchameleon.v1 import studio_pb2, studio_pb2_grpc
+from services.launcher import free_port
+from services.studio.client import StudioClient, StudioError
+from shared.config import AppConfig, AuthConfig, GeneratorConfig, LimitsConfig, ModelConfig, ServeConfig
+from shared.media.video import probe_video
+from shared.queue.config import RedisConfig
+from shared.runtime.kv_cache import KVCacheSpec
+from shared.models.presets import get_preset
+from shared.storage.config import S3StoreConfig, StorageConfig
+from tests.fixtures.redis_server import start_redis_server
+from tests.fixtures.seaweedfs import SeaweedFSUnavailable, start_seaweedfs
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
+MAX_SESSIONS = 5
+
+
+def png(seed: int, size=(160, 120)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def suite():
+    from services.launcher import start_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="fc-suite-"))
+    (tmp / "redis").mkdir()
+    (tmp / "s3").mkdir()
+    redis_url, stop_redis = start_redis_server(tmp / "redis")
+    try:
+        endpoint, access, secret, stop_s3 = start_seaweedfs(tmp / "s3")
+    except SeaweedFSUnavailable as e:
+        stop_redis()
+        pytest.skip(str(e))
+    spec = KVCacheSpec.from_preset(get_preset("tiny"), __import__("torch").float32)
+    config = AppConfig(
+        model=ModelConfig(preset="tiny"),
+        redis=RedisConfig(url=redis_url, namespace="suite"),
+        storage=StorageConfig(
+            backend="s3",
+            s3=S3StoreConfig(endpoint=endpoint, secure=False, bucket="fashionchameleon", access_key=access,
+                             secret_key=secret),
+        ),
+        generator=GeneratorConfig(realtime=False, kv_cache_budget_bytes=MAX_SESSIONS * spec.bytes,
+                                  max_client_lag_chunks=3, reaper_interval_s=0.5),
+        auth=AuthConfig(api_keys=KEYS),
+        limits=LimitsConfig(max_image_bytes=2 * 2**20, max_sessions_per_tenant=50),
+        serve=ServeConfig(grpc_port=free_port(), http_port=free_port()),
+    )
+    from shared.storage import open_store
+
+    open_store(config.storage).ensure_bucket()
+    start_app(config)
+    target = f"127.0.0.1:{config.serve.grpc_port}"
+    try:
+        yield config, target
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        stop_s3()
+        stop_redis()
+
+
+@pytest.fixture()
+def client(suite):
+    _, target = suite
+    with StudioClient(target, KEYS["acme"]) as c:
+        yield c
+
+
+def generator_capacity(suite):
+    config, _ = suite
+    handle = serve.get_deployment_handle("generator", config.serve.app_name)
+    return handle.get_capacity.remote().result()
+
+
+def wait_for(predicate, timeout_s=30.0, interval=0.2):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def test_create_stream_switch_update_close(client, tmp_path):
+    n = 10  # without pacing the generator runs up to max_client_lag_chunks ahead of the client
+    session = client.create_session(png(1), png(2), "a person walks toward the camera", seed=5,
+                                    options={"max_chunks": n})
+    assert session.state == session.ACTIVE and session.tenant == "acme"
+    chunks, switch, prompt = [], None, None
+    for chunk in client.stream(session.session_id):
+        if chunk.end_of_stream:
+            break
+        chunks.append(chunk)
+        if chunk.index == 1:
+            switch = client.switch_garment(session.session_id, png(3))
+        if chunk.index == 2:
+            prompt = client.update_prompt(session.session_id, "the person turns left")
+    assert [c.index for c in chunks] == list(range(n))
+    assert [c.num_frames for c in chunks] == [9] + [12] * (n - 1)
+    assert 2 <= switch.effective_chunk_index < prompt.effective_chunk_index < n
+    switched = chunks[switch.effective_chunk_index]
+    assert switched.switch_applied and switched.garment_id == switch.garment_id
+    assert chunks[prompt.effective_chunk_index].prompt_update_applied
+    assert chunks[-1].prompt_revision == prompt.prompt_revision == 1
+    out = tmp_path / "clip.mp4"
+    out.write_bytes(b"".join(c.fmp4 for c in chunks))
+    assert probe_video(out).num_frames == 9 + 12 * (n - 1)
+    closed = client.close_session(session.session_id)
+    again = client.close_session(session.session_id)  # closing twice is harmless
+    assert closed.state == again.state
+
+
+def test_disconnect_and_resume_without_gaps_or_duplicates(client, tmp_path):
+    session = client.create_session(png(4), png(5), "a person waves", seed=1, options={"max_chunks": 6})
+    first = []
+    for chunk in client.stream(session.session_id, auto_resume=False):
+        first.append(chunk)
+        if len(first) == 3:
+            break  # the client goes away mid-stream
+    rest = [c for c in client.stream(session.session_id, resume_from_index=3) if not c.end_of_stream]
+    assert [c.index for c in first + rest] == list(range(6))
+    assert rest[0].is_init_segment_included  # a resumed stream starts playable
+    resumed_only = tmp_path / "resumed.mp4"
+    resumed_only.write_bytes(b"".join(c.fmp4 for c in rest))
+    assert probe_video(resumed_only).num_frames == 12 * 3
+    client.close_session(session.session_id)
+
+
+@pytest.mark.parametrize(
+    "case, code",
+    [
+        ("corrupt_image", grpc.StatusCode.INVALID_ARGUMENT),
+        ("oversized_upload", grpc.StatusCode.INVALID_ARGUMENT),
+        ("not_an_image", grpc.StatusCode.INVALID_ARGUMENT),
+        ("empty_prompt", grpc.StatusCode.INVALID_ARGUMENT),
+        ("overlong_prompt", grpc.StatusCode.INVALID_ARGUMENT),
+        ("unknown_session", grpc.StatusCode.NOT_FOUND),
+        ("unknown_catalog_garment", grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_bad_input_gets_its_own_status(client, case, code):
+    reference, garment, prompt = png(6), png(7), "a person"
+    with pytest.raises(StudioError) as err:
+        if case == "corrupt_image":
+            client.create_session(png(6)[:200], garment, prompt)
+        elif case == "oversized_upload":
+            client.create_session(b"\x89PNG" + b"\0" * (3 * 2**20), garment, prompt)
+        elif case == "not_an_image":
+            client.create_session(b"hello, I am text", garment, prompt)
+        elif case == "empty_prompt":
+            client.create_session(reference, garment, "   ")
+        elif case == "overlong_prompt":
+            client.create_session(reference, garment, "x" * 5000)
+        elif case == "unknown_session":
+            client.get_session("ses_" + "a" * 26)
+        elif case == "unknown_catalog_garment":
+            client.create_session(reference, "catalog:no-such-garment", prompt)
+    assert err.value.code == code, err.value
+    assert err.value.details
+
+
+def test_auth_and_tenant_isolation(suite, client):
+    config, target = suite
+    session = client.create_session(png(8), png(9), "a person", options={"max_chunks": 3})
+    with StudioClient(target, KEYS["globex"]) as other:
+        for call in (other.get_session, other.close_session):
+            with pytest.raises(StudioError) as err:
+                call(session.session_id)
+            assert err.value.code == grpc.StatusCode.NOT_FOUND  # existence does not leak
+        with pytest.raises(StudioError) as err:
+            other.switch_garment(session.session_id, png(10))
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+    with StudioClient(target, "wrong-key") as anon, pytest.raises(StudioError) as err:
+        anon.get_session(session.session_id)
+    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(target) as channel:  # no API key at all
+        stub = studio_pb2_grpc.StudioStub(channel)
+        with pytest.raises(grpc.RpcError) as raw:
+            stub.GetSession(studio_pb2.GetSessionRequest(session_id=session.session_id),
+                            metadata=(("application", config.serve.app_name),))
+        assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert client.get_session(session.session_id).session_id == session.session_id
+    client.close_session(session.session_id)
+
+
+def test_capacity_full_is_resource_exhausted_and_server_keeps_serving(suite, client):
+    assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
+    opened = [client.create_session(png(20 + i), png(30), "a person", options={"max_chunks": 50})
+              for i in range(MAX_SESSIONS)]
+    with pytest.raises(StudioError) as err:
+        client.create_session(png(40), png(30), "a person")
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for s in opened:
+        client.close_session(s.session_id)
+    assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
+    s = client.create_session(png(41), png(30), "a person", options={"max_chunks": 2})
+    assert [c.index for c in client.stream(s.session_id) if not c.end_of_stream] == [0, 1]
+
+
+def test_idle_sessions_expire_and_free_their_cache(suite, client):
+    assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
+    s = client.create_session(png(50), png(51), "a person", options={"idle_timeout_seconds": 2, "max_chunks": 500})
+    assert generator_capacity(suite).active_sessions == 1
+    assert wait_for(lambda: client.get_session(s.session_id).state == s.EXPIRED, timeout_s=20)
+    assert wait_for(lambda: generator_capacity(suite).active_sessions == 0, timeout_s=20)
+    client.close_session(s.session_id)  # harmless after expiry
+
+
+def test_several_concurrent_sessions_none_starved(suite):
+    _, target = suite
+    assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            with StudioClient(target, KEYS["acme"]) as c:
+                s = c.create_session(png(60 + i), png(70 + i), f"person {i}", seed=i, options={"max_chunks": 4})
+                results[i] = [ch.index for ch in c.stream(s.session_id) if not ch.end_of_stream]
+                c.close_session(s.session_id)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert results == {i: [0, 1, 2, 3] for i in range(4)}
+    assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
+    assert generator_capacity(suite).kv_cache_bytes == 0
