@@ -129,16 +129,29 @@ class Embedded:
                 fn()
 
 
-def start_app(config: AppConfig, *, num_cpus: int | None = None) -> None:
-    """Start Ray + Serve (gRPC on config.serve.grpc_port) and deploy the application."""
+def start_app(
+    config: AppConfig, *, num_cpus: int | None = None, metrics_port: int | None = None,
+    metrics_report_interval_ms: int | None = None,
+) -> None:
+    """Start Ray + Serve (gRPC on config.serve.grpc_port) and deploy the application.
+
+    Ray exports application metrics (prefixed `ray_`) on `metrics_port` at /metrics.
+    """
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     from services.app import STUDIO_SERVICER, build_app
 
+    # Ray's gRPC proxy refuses larger messages with RESOURCE_EXHAUSTED before any of our code
+    # runs: two images at the upload limit plus room for the rest of a request.
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2 * config.limits.max_image_bytes + 2**20))
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+        system_config = {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else None
+        ray.init(
+            num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+            _metrics_export_port=metrics_port, _system_config=system_config,
+        )
     serve.start(
         grpc_options=gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=[STUDIO_SERVICER]),
         http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),

@@ -23,6 +23,13 @@ from shared.config import AppConfig
 from shared.media.images import ImageError, load_image
 from shared.models.text_encoder import prompt_key, validate_prompt
 from shared.storage import ObjectNotFound, open_store
+from shared.telemetry import Metrics
+
+_KIND_TAG = {
+    encoder_pb2.IMAGE_KIND_REFERENCE: "reference",
+    encoder_pb2.IMAGE_KIND_GARMENT: "garment",
+    encoder_pb2.IMAGE_KIND_FRAME: "frame",
+}
 
 
 class EncoderService:
@@ -34,6 +41,7 @@ class EncoderService:
         self._images: LRU[tuple, torch.Tensor] = LRU(512)
         self._prompts: LRU[str, tuple[torch.Tensor, int]] = LRU(512)
         self._lock = threading.Lock()  # one model call at a time per replica
+        self.metrics = Metrics.create("auto")
 
     # ---- helpers -----------------------------------------------------------------------
     def _image_bytes(self, image) -> bytes:
@@ -71,6 +79,9 @@ class EncoderService:
         key = (kind, digest, st.height, st.width)
         cached = self._images.get(key)
         cache_hit = cached is not None
+        if kind in _KIND_TAG:
+            counter = self.metrics.encoder_cache_hits_total if cache_hit else self.metrics.encoder_cache_misses_total
+            counter.inc(tags={"kind": _KIND_TAG[kind]})
         if not cache_hit:
             limits = self.config.limits
             try:
@@ -112,6 +123,9 @@ class EncoderService:
             cache_hit = False
         else:
             cache_hit = True
+        (self.metrics.encoder_cache_hits_total if cache_hit else self.metrics.encoder_cache_misses_total).inc(
+            tags={"kind": "prompt"}
+        )
         trimmed, num_tokens = hit
         return encoder_pb2.EncodePromptResponse(
             embedding=tensor_to_proto(trimmed),

@@ -35,6 +35,7 @@ from shared.queue import CommandType, SessionRegistry, SessionState
 from shared.queue.config import connect
 from shared.runtime.kv_cache import KVCacheSpec
 from shared.runtime.session import StreamingSession, SwitchOptions
+from shared.telemetry import HealthState, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ class SessionRunner:
     end_reason: str = "closed"
     _switch_applied: bool = False
     _prompt_applied: bool = False
+    _last_publish: float | None = None
+    _paused: bool = False
 
     # ---- control ---------------------------------------------------------------------
     async def _apply(self, cmd, pending: _Pending | None) -> _Pending | None:
@@ -95,11 +98,15 @@ class SessionRunner:
                 await asyncio.to_thread(self.session.switch_garment, garment, new_ref, options)
             self.garment_id = p.get("garment_id", self.garment_id)
             self._switch_applied = True
+            if cmd.issued_at:
+                svc.metrics.garment_switch_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         elif cmd.type == CommandType.UPDATE_PROMPT:
             embedding = await svc.encode_prompt(cmd.payload["prompt"])
             self.session.set_prompt(embedding, cmd.payload["prompt"])
             self.prompt_revision = int(cmd.payload.get("revision", self.prompt_revision + 1))
             self._prompt_applied = True
+            if cmd.issued_at:
+                svc.metrics.prompt_update_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         return pending
 
     # ---- output ------------------------------------------------------------------------
@@ -119,8 +126,16 @@ class SessionRunner:
             "ready_at": time.time(),
         }
         await svc.registry.output(self.session_id).append(pending.index, resp.fmp4, meta)
+        now = time.monotonic()
+        m = svc.metrics
+        m.chunk_decode_seconds.observe(resp.timings.total_seconds)
+        m.frames_generated_total.inc(resp.num_frames)
         if pending.index == 0:
-            self.playback_start = time.monotonic()
+            self.playback_start = now
+            m.time_to_first_chunk_seconds.observe(now - self.opened_at)
+        elif self._last_publish is not None:
+            m.inter_chunk_latency_seconds.observe(now - self._last_publish)
+        self._last_publish = now
 
     async def _client_index(self) -> int | None:
         """Last chunk index the client received; None once the session ended underneath us."""
@@ -162,8 +177,13 @@ class SessionRunner:
                     self.end_reason = "closed"
                     return
                 if k - client > cfg.max_client_lag_chunks:
+                    if not self._paused:
+                        self._paused = True
+                        svc.metrics.session_paused_total.inc()
                     await asyncio.sleep(cfg.control_poll_s)  # client behind: stop generating
                     continue
+                self._paused = False
+                svc.metrics.client_lag_chunks.observe(max(0, k - client))
                 ready = self._ready_time(k)
                 if ready is not None and time.monotonic() < ready:
                     await asyncio.sleep(min(cfg.control_poll_s, ready - time.monotonic()))
@@ -172,6 +192,8 @@ class SessionRunner:
                 async with svc.compute():
                     latents = await asyncio.to_thread(self.session.next_chunk)
                 gen_s = time.perf_counter() - started
+                svc.metrics.chunk_generation_seconds.observe(gen_s)
+                svc.metrics.chunks_generated_total.inc()
                 meta = {
                     "garment_id": self.garment_id,
                     "prompt_revision": self.prompt_revision,
@@ -213,12 +235,15 @@ class GeneratorService:
         self.spec = KVCacheSpec.from_preset(self.engine.preset, self.engine.dtype)
         self.budget = self.config.generator.kv_cache_budget_bytes or self._default_budget()
         self.runners: dict[str, SessionRunner] = {}
-        self.draining = False
         self.redis = None
         self.registry: SessionRegistry | None = None
         self._compute_lock: asyncio.Lock | None = None
         self._background: asyncio.Task | None = None
         self.text_max_length = self.engine.preset.text_encoder.max_length
+        self.metrics = Metrics.create("auto")
+        self._gauge_sessions()
+        self.health = HealthState("generator")
+        self.health.mark_ready()
 
     def _default_budget(self) -> int:
         if self.engine.device.type == "cuda":
@@ -243,9 +268,11 @@ class GeneratorService:
         return f"{self.config.redis.namespace}:session:{{{session_id}}}:init"
 
     async def _maintain(self) -> None:
-        """Renew this replica's leases and reap idle sessions (any replica may reap any session)."""
+        """Renew this replica's leases, reap idle sessions (any replica may reap any session) and
+        refresh the gauges (Ray stops exporting a gauge that is not set again)."""
         cfg = self.config.generator
         while True:
+            self._gauge_sessions()
             with contextlib.suppress(Exception):
                 for sid in list(self.runners):
                     await self.registry.renew(sid, self.replica_id)
@@ -285,9 +312,11 @@ class GeneratorService:
         """Admit a session, run its cond forward and start its loop."""
         await self._ensure_started()
         cap = self.capacity()
-        if self.draining:
+        if self.health.draining:
+            self.metrics.rejections_total.inc(tags={"reason": "draining"})
             raise ResourceExhausted("replica is draining", reason="CAPACITY_EXHAUSTED", retry_after_s=1.0)
         if cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+            self.metrics.rejections_total.inc(tags={"reason": "capacity"})
             raise ResourceExhausted(
                 f"generator replica full ({cap.active_sessions} sessions, {cap.free_bytes} bytes free)",
                 reason="CAPACITY_EXHAUSTED",
@@ -322,6 +351,8 @@ class GeneratorService:
                            self.config.generator.max_chunks_per_session),
         )
         self.runners[sid] = runner
+        self._gauge_sessions()
+        self.metrics.sessions_opened_total.inc()
         await self.registry.set_state(
             sid, SessionState.ACTIVE, width=st.width, height=st.height, fps=st.fps, preset=self.engine.preset.name
         )
@@ -335,6 +366,9 @@ class GeneratorService:
         """Free a finished session's cache and decoder state; end its record."""
         runner.session.close()
         self.runners.pop(runner.session_id, None)
+        self._gauge_sessions()
+        reason = runner.end_reason if runner.end_reason in ("failed", "expired") else "closed"
+        self.metrics.sessions_closed_total.inc(tags={"reason": reason})
         with contextlib.suppress(Exception):
             await self.decoder.options(session_id=runner.session_id).CloseSession.remote(
                 decoder_pb2.DecoderCloseSessionRequest(session_id=runner.session_id)
@@ -358,11 +392,18 @@ class GeneratorService:
             chunks_generated=chunks, freed_bytes=self.spec.bytes, capacity=self.capacity()
         )
 
+    def _gauge_sessions(self) -> None:
+        self.metrics.kv_cache_budget_bytes.set(self.budget)
+        self.metrics.active_sessions.set(len(self.runners))
+        self.metrics.kv_cache_bytes.set(len(self.runners) * self.spec.bytes)
+
     async def drain(self) -> int:
         """Stop admitting sessions (graceful drain); live ones run on. Returns live sessions."""
-        self.draining = True
+        self.health.start_draining("drain requested")
         return len(self.runners)
 
     async def check_health(self) -> None:
+        await self._ensure_started()  # Serve calls this soon after start: maintenance runs from then on
         if self._background is not None and self._background.done():
-            raise RuntimeError("generator maintenance loop stopped")
+            self.health.mark_unhealthy("maintenance loop stopped")
+        self.health.check_health()

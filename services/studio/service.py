@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -48,6 +49,7 @@ from shared.queue import (
 )
 from shared.queue.config import connect
 from shared.storage import GarmentCatalog, ObjectNotFound, open_store, upload_key
+from shared.telemetry import HealthState, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,9 @@ class StudioService:
         self.catalog = GarmentCatalog(self.store)
         self.redis = None
         self.registry: SessionRegistry | None = None
+        self.metrics = Metrics.create("auto")
+        self.health = HealthState("studio")
+        self.health.mark_ready()
 
     # ---- plumbing ----------------------------------------------------------------------
     def _registry(self) -> SessionRegistry:
@@ -97,17 +102,30 @@ class StudioService:
             metadata = list(grpc_context.invocation_metadata()) if grpc_context is not None else []
         return self.auth.tenant_from_metadata(metadata)
 
-    async def _unary(self, grpc_context, empty: Callable[[], Any], body: Callable[[], Awaitable[Any]]):
+    def _count(self, method: str, started: float, err: ServiceError | None) -> None:
+        code = "OK" if err is None else err.code.name
+        self.metrics.requests_total.inc(tags={"service": "studio", "method": method, "code": code})
+        self.metrics.request_latency_seconds.observe(time.perf_counter() - started,
+                                                     tags={"service": "studio", "method": method})
+        rejection = None if err is None else _rejection(err)
+        if rejection:
+            self.metrics.rejections_total.inc(tags={"reason": rejection})
+
+    async def _unary(self, grpc_context, method: str, empty: Callable[[], Any], body: Callable[[], Awaitable[Any]]):
+        started = time.perf_counter()
         try:
-            return await body()
+            result = await body()
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             err = as_service_error(_unwrap(exc))
+            self._count(method, started, err)
             if not isinstance(_unwrap(exc), ServiceError):
                 log.exception("studio call failed")
             if grpc_context is None:
                 raise err from exc
             abort_context(grpc_context, err)
             return empty()
+        self._count(method, started, None)
+        return result
 
     async def _session_for(self, session_id: str, tenant: str):
         validate_session_id(session_id)
@@ -161,58 +179,96 @@ class StudioService:
             error_message=record.reason or "" if record.state == SessionState.FAILED else "",
         )
 
+    # ---- HTTP: health probes (Ray Serve routes HTTP on the app's prefix here) ----------
+    async def __call__(self, request):
+        from starlette.responses import JSONResponse
+
+        probe = self.health.readiness() if request.url.path.rstrip("/").endswith("readyz") else self.health.liveness()
+        return JSONResponse(probe.body, status_code=probe.status_code)
+
+    async def check_health(self) -> None:
+        self.health.check_health()
+
     # ---- CreateSession -----------------------------------------------------------------
+    async def _idempotent(self, tenant: str, request_id: str | None, create: Callable[[], Awaitable[str]]) -> str:
+        """Run `create` once per (tenant, request_id); a retry gets the first call's session id."""
+        if request_id is None:
+            return await create()
+        key = f"{self.config.redis.namespace}:idem:{tenant}:{request_id}"
+        if await self.redis.set(key, b"pending", nx=True, ex=600):
+            try:
+                session_id = await create()
+            except BaseException:
+                await self.redis.delete(key)
+                raise
+            await self.redis.set(key, session_id.encode(), ex=24 * 3600)
+            return session_id
+        for _ in range(200):  # the first call is still creating: wait for its answer
+            value = await self.redis.get(key)
+            if value is None:
+                return await self._idempotent(tenant, request_id, create)  # it failed; try ourselves
+            if value != b"pending":
+                return value.decode()
+            await asyncio.sleep(0.1)
+        raise DeadlineExceeded("an earlier request with this request_id is still being processed", retry_after_s=1.0)
+
     async def CreateSession(self, request, grpc_context=None, metadata=None) -> studio_pb2.Session:
         async def body():
             tenant = self._tenant(grpc_context, metadata)
             spec = parse_create_session(request, self.limits, tenant=tenant)
             registry = self._registry()
-            if await registry.count_active(tenant) >= self.config.limits.max_sessions_per_tenant:
-                raise ResourceExhausted("too many open sessions for this tenant", reason="SESSION_LIMIT_REACHED",
-                                        retry_after_s=10.0)
-            (ref_key, _), (garment_key, garment_id) = await asyncio.gather(
-                self._object_key(spec.reference, tenant), self._object_key(spec.garment, tenant)
-            )
-            reference, garment, prompt = await asyncio.gather(
-                self._encode_image(ref_key, encoder_pb2.IMAGE_KIND_REFERENCE),
-                self._encode_image(garment_key, encoder_pb2.IMAGE_KIND_GARMENT),
-                self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=spec.prompt)),
-            )
-            seed = spec.seed if spec.seed is not None else secrets.randbits(63)
-            opts = request.options
-            state = generator_pb2.SessionState(
-                seed=seed, reference_latent=reference, garment_latent=garment, garment_id=garment_id,
-                prompt_embedding=prompt.embedding, prompt=spec.prompt, width=opts.width, height=opts.height,
-                switch_options=opts.switch_options,
-            )
-            meta = {
-                "garment_id": garment_id, "prompt": spec.prompt, "seed": seed, "prompt_revision": 0,
-                "max_chunks": spec.options.max_chunks, "reference_key": ref_key, "garment_key": garment_key,
-            }
-            if spec.options.idle_timeout_seconds:
-                meta["idle_ttl_s"] = spec.options.idle_timeout_seconds
-            last_error: Exception | None = None
-            for _ in range(self.config.generator.open_attempts):
-                state.session_id = new_session_id()  # a new id hashes to another replica
-                try:
-                    opened = await self.generator.options(session_id=state.session_id).open_session.remote(
-                        state, tenant, meta
-                    )
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    cause = _unwrap(exc)
-                    if not isinstance(cause, ResourceExhausted):
-                        raise cause from None
-                    last_error = cause
-            else:
-                raise last_error
-            record = await registry.get(opened.session_id)
-            return self._session_proto(record)
+            session_id = await self._idempotent(tenant, spec.request_id, lambda: self._create(tenant, spec, request))
+            return self._session_proto(await registry.get(session_id))
 
-        return await self._unary(grpc_context, studio_pb2.Session, body)
+        return await self._unary(grpc_context, "CreateSession", studio_pb2.Session, body)
+
+    async def _create(self, tenant: str, spec, request) -> str:
+        """Store and encode the inputs, then open the session on a generator replica with room."""
+        registry = self._registry()
+        if await registry.count_active(tenant) >= self.config.limits.max_sessions_per_tenant:
+            raise ResourceExhausted("too many open sessions for this tenant", reason="QUOTA_EXCEEDED",
+                                    retry_after_s=10.0)
+        (ref_key, _), (garment_key, garment_id) = await asyncio.gather(
+            self._object_key(spec.reference, tenant), self._object_key(spec.garment, tenant)
+        )
+        reference, garment, prompt = await asyncio.gather(
+            self._encode_image(ref_key, encoder_pb2.IMAGE_KIND_REFERENCE),
+            self._encode_image(garment_key, encoder_pb2.IMAGE_KIND_GARMENT),
+            self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=spec.prompt)),
+        )
+        seed = spec.seed if spec.seed is not None else secrets.randbits(63)
+        opts = request.options
+        state = generator_pb2.SessionState(
+            seed=seed, reference_latent=reference, garment_latent=garment, garment_id=garment_id,
+            prompt_embedding=prompt.embedding, prompt=spec.prompt, width=opts.width, height=opts.height,
+            switch_options=opts.switch_options,
+        )
+        meta = {
+            "garment_id": garment_id, "prompt": spec.prompt, "seed": seed, "prompt_revision": 0,
+            "max_chunks": spec.options.max_chunks, "reference_key": ref_key, "garment_key": garment_key,
+        }
+        if spec.options.idle_timeout_seconds:
+            meta["idle_ttl_s"] = spec.options.idle_timeout_seconds
+        last_error: Exception | None = None
+        for _ in range(self.config.generator.open_attempts):
+            state.session_id = new_session_id()  # a new id hashes to another replica
+            try:
+                opened = await self.generator.options(session_id=state.session_id).open_session.remote(
+                    state, tenant, meta
+                )
+                break
+            except Exception as exc:  # noqa: BLE001
+                cause = _unwrap(exc)
+                if not isinstance(cause, ResourceExhausted):
+                    raise cause from None
+                last_error = cause
+        else:
+            raise last_error
+        return opened.session_id
 
     # ---- StreamSession -----------------------------------------------------------------
     async def StreamSession(self, request, grpc_context=None, metadata=None) -> AsyncIterator[studio_pb2.VideoChunk]:
+        started = time.perf_counter()
         try:
             tenant = self._tenant(grpc_context, metadata)
             session_id, resume = parse_stream_session(request)
@@ -241,8 +297,10 @@ class StudioService:
             yield studio_pb2.VideoChunk(
                 session_id=session_id, index=index, end_of_stream=True, end_state=_STATES[record.state]
             )
+            self._count("StreamSession", started, None)
         except Exception as exc:  # noqa: BLE001
             err = as_service_error(_unwrap(exc))
+            self._count("StreamSession", started, err)
             if grpc_context is None:
                 raise err from exc
             abort_context(grpc_context, err)
@@ -318,7 +376,7 @@ class StudioService:
             await self._registry().set_state(spec.session_id, SessionState.ACTIVE, garment_id=garment_id)
             return studio_pb2.SwitchGarmentResponse(effective_chunk_index=effective, garment_id=garment_id)
 
-        return await self._unary(grpc_context, studio_pb2.SwitchGarmentResponse, body)
+        return await self._unary(grpc_context, "SwitchGarment", studio_pb2.SwitchGarmentResponse, body)
 
     async def UpdatePrompt(self, request, grpc_context=None, metadata=None) -> studio_pb2.UpdatePromptResponse:
         async def body():
@@ -334,7 +392,7 @@ class StudioService:
             await self._registry().set_state(session_id, SessionState.ACTIVE, prompt=prompt, prompt_revision=revision)
             return studio_pb2.UpdatePromptResponse(effective_chunk_index=effective, prompt_revision=revision)
 
-        return await self._unary(grpc_context, studio_pb2.UpdatePromptResponse, body)
+        return await self._unary(grpc_context, "UpdatePrompt", studio_pb2.UpdatePromptResponse, body)
 
     # ---- CloseSession / GetSession -------------------------------------------------------
     async def CloseSession(self, request, grpc_context=None, metadata=None) -> studio_pb2.CloseSessionResponse:
@@ -346,14 +404,28 @@ class StudioService:
                 state=_STATES[record.state], chunks_generated=int(record.meta.get("chunks", 0))
             )
 
-        return await self._unary(grpc_context, studio_pb2.CloseSessionResponse, body)
+        return await self._unary(grpc_context, "CloseSession", studio_pb2.CloseSessionResponse, body)
 
     async def GetSession(self, request, grpc_context=None, metadata=None) -> studio_pb2.Session:
         async def body():
             tenant = self._tenant(grpc_context, metadata)
             return self._session_proto(await self._session_for(request.session_id, tenant))
 
-        return await self._unary(grpc_context, studio_pb2.Session, body)
+        return await self._unary(grpc_context, "GetSession", studio_pb2.Session, body)
+
+
+_REASON_REJECTIONS = {
+    "CAPACITY_EXHAUSTED": "capacity",
+    "SESSION_LIMIT_REACHED": "session_limit",
+    "QUOTA_EXCEEDED": "quota",
+}
+
+
+def _rejection(err: ServiceError) -> str | None:
+    """The rejections_total reason for an error that refused a request, if any."""
+    if err.reason in _REASON_REJECTIONS:
+        return _REASON_REJECTIONS[err.reason]
+    return {"UNAUTHENTICATED": "auth", "INVALID_ARGUMENT": "invalid"}.get(err.code.name)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

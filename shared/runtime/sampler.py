@@ -31,14 +31,19 @@ class FewStepSampler:
         self,
         flow_fn: Callable[[torch.Tensor, float, int], torch.Tensor],
         noises: Sequence[torch.Tensor],
+        steps: int | None = None,
     ) -> torch.Tensor:
         """Run all steps. `noises[0]` is the initial noise, `noises[i]` re-noises before step i.
 
         flow_fn(x_t, model_timestep, step_index) -> predicted flow, same shape as x_t.
+        `steps` runs only the first `steps` steps and returns that step's x0 (a Self-Forcing exit).
         """
+        steps = self.num_steps if steps is None else steps
+        if not 1 <= steps <= self.num_steps:
+            raise ValueError(f"steps must lie in 1..{self.num_steps}, got {steps}")
         x = noises[0]
         x0 = x
-        for i, (sigma, t) in enumerate(zip(self.sigmas, self.model_timesteps)):
+        for i, (sigma, t) in enumerate(zip(self.sigmas[:steps], self.model_timesteps[:steps])):
             if i > 0:
                 x = (1.0 - sigma) * x0 + sigma * noises[i]
             flow = flow_fn(x, t, i)

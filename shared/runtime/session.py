@@ -197,6 +197,52 @@ class StreamingSession:
         self.chunk_index += 1
         return x0
 
+    # ---- training hooks (teacher forcing checks, Self-Forcing rollouts) -----------------
+    def predict_flow(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        """Flow of a noisy next chunk x [1, C, n, h, w] at model timestep t against the cache
+        (cond + sink + window + the chunk itself). Writes nothing; keeps autograd when enabled."""
+        cache = self._require_open()
+        hook = ChunkAttention(cache, self.rope, self.preset.streaming.rope_policy, x.shape[2])
+        return self._forward(x.to(device=self.device, dtype=self.dtype), t, hook)
+
+    @torch.no_grad()
+    def append_clean(self, x0: torch.Tensor) -> None:
+        """The context pass on given clean latents x0 [1, C, n, h, w]: write their K/V as the
+        next n latent frames and advance the chunk index (teacher-forced history, prefill)."""
+        cache = self._require_open()
+        n = x0.shape[2]
+        plan = cache.slots.plan_append(n)
+        hook = ChunkAttention(cache, self.rope, self.preset.streaming.rope_policy, n, write=plan)
+        self._forward(x0.to(device=self.device, dtype=self.dtype), 0.0, hook)
+        cache.slots.commit(plan)
+        self.chunk_index += 1
+
+    def rollout_chunk(self, exit_step: int) -> torch.Tensor:
+        """Self-Forcing rollout of the next chunk (training): `next_chunk`'s noise and hooks, but
+        denoising stops after step `exit_step`, and only that step's forward keeps an autograd
+        graph (when grad is enabled). Returns its x0 [1, C, chunk_frames, h, w]; the context pass
+        writes the detached x0 into the cache."""
+        cache = self._require_open()
+        st = self.preset.streaming
+        if not st.context_pass:
+            raise ValueError("rollouts need the context pass (streaming.context_pass=True)")
+        if not 0 <= exit_step < self.sampler.num_steps:
+            raise ValueError(f"exit_step must lie in 0..{self.sampler.num_steps - 1}, got {exit_step}")
+        n = st.chunk_frames
+        noises = chunk_noises(
+            self.seed, self.chunk_index, self.chunk_shape, self.sampler.num_steps, self.device, self.dtype
+        )
+        hook = ChunkAttention(cache, self.rope, st.rope_policy, n)
+        grad = torch.is_grad_enabled()
+
+        def flow(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
+            with torch.set_grad_enabled(grad and step == exit_step):
+                return self._forward(x, t, hook)
+
+        x0 = self.sampler.sample(flow, noises, steps=exit_step + 1)
+        self.append_clean(x0.detach())
+        return x0
+
     # ---- interaction -------------------------------------------------------------------
     @torch.no_grad()
     def switch_garment(

@@ -35,6 +35,7 @@ serve = pytest.importorskip("ray.serve")
 
 KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
 MAX_SESSIONS = 5
+METRICS_PORT = free_port()
 
 
 def png(seed: int, size=(160, 120)) -> bytes:
@@ -75,7 +76,7 @@ def suite():
     from shared.storage import open_store
 
     open_store(config.storage).ensure_bucket()
-    start_app(config)
+    start_app(config, metrics_port=METRICS_PORT, metrics_report_interval_ms=500)
     target = f"127.0.0.1:{config.serve.grpc_port}"
     try:
         yield config, target
@@ -257,3 +258,71 @@ def test_several_concurrent_sessions_none_starved(suite):
     assert results == {i: [0, 1, 2, 3] for i in range(4)}
     assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
     assert generator_capacity(suite).kv_cache_bytes == 0
+
+
+def test_client_that_stops_reading_pauses_generation(suite, client):
+    config, _ = suite
+    s = client.create_session(png(80), png(81), "a person", options={"max_chunks": 100})
+    import redis as redis_sync
+
+    from shared.queue.keys import KeySpace
+
+    r = redis_sync.Redis.from_url(config.redis.url)
+    out_key = KeySpace(config.redis.namespace).session(s.session_id).output
+    assert wait_for(lambda: r.xlen(out_key) > 0)
+    time.sleep(3.0)  # plenty of time to run far ahead if nothing held it back
+    lag = config.generator.max_client_lag_chunks
+    assert r.xlen(out_key) <= lag + 2, "generation must stop when the client falls behind"
+    got = [c.index for c in client.stream(s.session_id)]  # reading resumes generation
+    assert got[:6] == list(range(6))
+    client.close_session(s.session_id)
+
+
+def test_create_is_idempotent_per_request_id(client):
+    a = client.create_session(png(82), png(83), "a person", request_id="req-0001", options={"max_chunks": 2})
+    b = client.create_session(png(82), png(83), "a person", request_id="req-0001", options={"max_chunks": 2})
+    assert a.session_id == b.session_id
+    client.close_session(a.session_id)
+
+
+def test_request_over_the_proxy_limit_is_resource_exhausted(client):
+    with pytest.raises(StudioError) as err:
+        client.create_session(b"\x89PNG" + b"\0" * (6 * 2**20), png(2), "a person")
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    s = client.create_session(png(84), png(85), "a person", options={"max_chunks": 1})  # still serving
+    client.close_session(s.session_id)
+
+
+def test_health_probes_and_metrics_export(suite, client):
+    import json
+    import urllib.request
+
+    config, _ = suite
+    with urllib.request.urlopen(f"http://127.0.0.1:{config.serve.http_port}/healthz", timeout=10) as resp:
+        assert resp.status == 200 and json.loads(resp.read())["status"]
+    s = client.create_session(png(86), png(87), "a person", options={"max_chunks": 2})
+    list(client.stream(s.session_id))
+
+    def scraped() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    names = ("fashionchameleon_time_to_first_chunk_seconds", "fashionchameleon_chunks_generated_total",
+             "fashionchameleon_requests_total", "fashionchameleon_kv_cache_budget_bytes")
+    ok = wait_for(lambda: all(n in scraped() for n in names), timeout_s=30, interval=1.0)
+    assert ok, f"missing from Ray's metrics export: {[n for n in names if n not in scraped()]}"
+
+
+def test_demo_command_against_the_running_suite(suite, tmp_path, capsys):
+    import json
+
+    from services.cli.main import main
+
+    _, target = suite
+    out = tmp_path / "demo.mp4"
+    rc = main(["demo", "--target", target, "--api-key", KEYS["acme"], "--chunks", "6", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["chunks"] == 6 and summary["mp4_frames"] == 9 + 12 * 5
+    assert [s["after_chunk"] for s in summary["switches"]] == [1, 3]
+    assert summary["time_to_first_chunk_seconds"] > 0
