@@ -110,7 +110,7 @@ class Embedded:
             "api_key": self.api_key,
             "tenant": next(iter(c.auth.api_keys)),
             "redis": c.redis.url,
-            "store": c.storage.local.root if c.storage.backend == "local" else c.storage.s3.endpoint,
+            "store": str(c.storage.local.root) if c.storage.backend == "local" else c.storage.s3.endpoint,
             "model": c.model.model_id,
         }
 

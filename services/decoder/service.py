@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from services.common.tensors import tensor_from_proto, tensor_to_proto
 from shared.config import AppConfig
 from shared.media.fmp4 import FragmentedMp4Muxer, split_init_segment
 from shared.runtime.decode import StreamingDecoder, to_uint8_frames
+from shared.storage import open_store
 
 
 @dataclass
@@ -35,6 +37,7 @@ class _DecodeSession:
     first_chunk: int
     init_segment: bytes = b""
     last_frame: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
+    clip: object | None = None  # temporary file collecting the session's fMP4 pieces
 
 
 class DecoderService:
@@ -43,6 +46,7 @@ class DecoderService:
         self.engine = load_engine(self.config.model, frozenset({"vae"}))
         self.sessions: dict[str, _DecodeSession] = {}
         self._lock = threading.Lock()
+        self.store = open_store(self.config.storage) if self.config.generator.save_clips else None
 
     def _decode_sync(self, req: decoder_pb2.DecodeChunkRequest) -> decoder_pb2.DecodeChunkResponse:
         start = time.perf_counter()
@@ -54,7 +58,11 @@ class DecoderService:
             fps = req.encode.fps or st.fps
             crf = req.encode.crf if req.encode.HasField("crf") else 23
             muxer = FragmentedMp4Muxer(st.width, st.height, fps=fps, crf=crf, preset=req.encode.encoder_preset or "veryfast")
+            if session is not None and session.clip is not None:
+                session.clip.close()
             session = _DecodeSession(StreamingDecoder(self.engine.vae), muxer, req.chunk_index, req.chunk_index)
+            if self.store is not None:
+                session.clip = tempfile.TemporaryFile(prefix="fc-clip-")
             self.sessions[req.session_id] = session
         if req.chunk_index != session.next_chunk:
             raise Aborted(
@@ -68,6 +76,8 @@ class DecoderService:
         encode_start = time.perf_counter()
         piece = session.muxer.add_chunk(frames.numpy())
         encode_s = time.perf_counter() - encode_start
+        if session.clip is not None:
+            session.clip.write(piece)
         init = b""
         if session.next_chunk == session.first_chunk:
             session.init_segment, _ = split_init_segment(piece)
@@ -114,13 +124,19 @@ class DecoderService:
         return await asyncio.to_thread(self._encode_last_frame_sync, session_id)
 
     async def CloseSession(
-        self, request: decoder_pb2.DecoderCloseSessionRequest
+        self, request: decoder_pb2.DecoderCloseSessionRequest, save_key: str | None = None
     ) -> decoder_pb2.DecoderCloseSessionResponse:
+        """Free the session's decode state; with `save_key`, store the whole clip there first."""
         session = self.sessions.pop(request.session_id, None)
         if session is None:
             return decoder_pb2.DecoderCloseSessionResponse()
         freed = session.decoder.state_bytes()
         session.muxer.close()
+        if session.clip is not None:
+            if save_key and session.clip.tell() > 0:
+                session.clip.seek(0)
+                await asyncio.to_thread(self.store.put_bytes, save_key, session.clip.read(), "video/mp4")
+            session.clip.close()
         return decoder_pb2.DecoderCloseSessionResponse(
             chunks_decoded=session.next_chunk - session.first_chunk, freed_bytes=freed
         )

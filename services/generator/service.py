@@ -369,9 +369,10 @@ class GeneratorService:
         self._gauge_sessions()
         reason = runner.end_reason if runner.end_reason in ("failed", "expired") else "closed"
         self.metrics.sessions_closed_total.inc(tags={"reason": reason})
+        save_key = f"clips/{runner.tenant}/{runner.session_id}.mp4" if self.config.generator.save_clips else None
         with contextlib.suppress(Exception):
             await self.decoder.options(session_id=runner.session_id).CloseSession.remote(
-                decoder_pb2.DecoderCloseSessionRequest(session_id=runner.session_id)
+                decoder_pb2.DecoderCloseSessionRequest(session_id=runner.session_id), save_key=save_key
             )
         with contextlib.suppress(Exception):
             if runner.end_reason != "failed":

@@ -109,7 +109,7 @@ def wait_for(predicate, timeout_s=30.0, interval=0.2):
     return False
 
 
-def test_create_stream_switch_update_close(client, tmp_path):
+def test_create_stream_switch_update_close(suite, client, tmp_path):
     n = 10  # without pacing the generator runs up to max_client_lag_chunks ahead of the client
     session = client.create_session(png(1), png(2), "a person walks toward the camera", seed=5,
                                     options={"max_chunks": n})
@@ -136,6 +136,15 @@ def test_create_stream_switch_update_close(client, tmp_path):
     closed = client.close_session(session.session_id)
     again = client.close_session(session.session_id)  # closing twice is harmless
     assert closed.state == again.state
+    # the finished session's clip lands in the object store (S3 here)
+    from shared.storage import open_store
+
+    store = open_store(suite[0].storage)
+    key = f"clips/acme/{session.session_id}.mp4"
+    assert wait_for(lambda: store.exists(key))
+    saved = tmp_path / "saved.mp4"
+    saved.write_bytes(store.get_bytes(key))
+    assert probe_video(saved).num_frames == 9 + 12 * (n - 1)
 
 
 def test_disconnect_and_resume_without_gaps_or_duplicates(client, tmp_path):
