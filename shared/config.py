@@ -58,6 +58,7 @@ class GeneratorConfig(_Frozen):
     control_poll_s: float = Field(default=0.05, gt=0)
     reaper_interval_s: float = Field(default=2.0, gt=0)
     open_attempts: int = Field(default=3, ge=1)  # studio re-hashes to another replica when one is full
+    drain_timeout_s: float = Field(default=50.0, ge=0)  # keep below Serve's graceful_shutdown_timeout_s
     save_clips: bool = True  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
 
 

@@ -126,6 +126,8 @@ class SessionRunner:
             "ready_at": time.time(),
         }
         await svc.registry.output(self.session_id).append(pending.index, resp.fmp4, meta)
+        with contextlib.suppress(Exception):  # a session closing underneath is not an error here
+            await svc.registry.set_state(self.session_id, SessionState.ACTIVE, chunks=pending.index + 1)
         now = time.monotonic()
         m = svc.metrics
         m.chunk_decode_seconds.observe(resp.timings.total_seconds)
@@ -402,6 +404,18 @@ class GeneratorService:
         """Stop admitting sessions (graceful drain); live ones run on. Returns live sessions."""
         self.health.start_draining("drain requested")
         return len(self.runners)
+
+    async def __del__(self) -> None:
+        """Graceful shutdown (Serve calls this within graceful_shutdown_timeout_s): stop admitting,
+        let live sessions run to their end, then close what is left so caches and clips are
+        released cleanly. Sessions are loops, not requests, so Serve cannot see them itself."""
+        self.health.start_draining("replica shutting down")
+        deadline = time.monotonic() + self.config.generator.drain_timeout_s
+        while self.runners and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        for runner in list(self.runners.values()):
+            runner.task.cancel()
+        await asyncio.gather(*(r.task for r in list(self.runners.values())), return_exceptions=True)
 
     async def check_health(self) -> None:
         await self._ensure_started()  # Serve calls this soon after start: maintenance runs from then on

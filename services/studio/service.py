@@ -176,7 +176,7 @@ class StudioService:
             seed=int(meta.get("seed", 0)),
             prompt=str(meta.get("prompt", "")),
             prompt_revision=int(meta.get("prompt_revision", 0)),
-            error_message=record.reason or "" if record.state == SessionState.FAILED else "",
+            error_message=(record.reason or "") if record.state == SessionState.FAILED else "",
         )
 
     # ---- HTTP: health probes (Ray Serve routes HTTP on the app's prefix here) ----------
@@ -336,7 +336,7 @@ class StudioService:
         registry = self._registry()
         try:
             await registry.touch(session_id)
-            await registry.set_state(session_id, SessionState.ACTIVE, client_index=index, chunks=index + 1)
+            await registry.set_state(session_id, SessionState.ACTIVE, client_index=index)
         except Exception:  # noqa: BLE001 - a session closing under us is not the reader's error
             pass
 

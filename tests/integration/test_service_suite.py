@@ -133,6 +133,7 @@ def test_create_stream_switch_update_close(suite, client, tmp_path):
     out = tmp_path / "clip.mp4"
     out.write_bytes(b"".join(c.fmp4 for c in chunks))
     assert probe_video(out).num_frames == 9 + 12 * (n - 1)
+    assert client.get_session(session.session_id).chunks_generated == n
     closed = client.close_session(session.session_id)
     again = client.close_session(session.session_id)  # closing twice is harmless
     assert closed.state == again.state
