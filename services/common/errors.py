@@ -409,3 +409,10 @@ def _call(e: Any, name: str) -> Any:
 def _truncate(message: str) -> str:
     return message if len(message) <= _MAX_DETAILS_CHARS else message[: _MAX_DETAILS_CHARS - 3] + "..."
 
+
+
+def unwrap_remote(exc: BaseException) -> BaseException:
+    """The original exception behind a Ray task error (a DeploymentHandle call re-raises the
+    remote exception wrapped; its `cause` is what the remote code raised)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fashionchameleon.v1 import common_pb2, decoder_pb2, encoder_pb2, generator_pb2
-from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, unwrap_remote
 from services.common.model import load_engine
 from services.common.tensors import pad_text_embedding, tensor_from_proto, tensor_to_proto
 from shared.config import AppConfig
@@ -55,6 +55,7 @@ class _Pending:
     response: object  # DeploymentResponse of the decoder call
     meta: dict
     started: float
+    request: object = None  # the DecodeChunkRequest, re-sent with `reset` if the decoder lost the session
 
 
 @dataclass
@@ -112,7 +113,17 @@ class SessionRunner:
     # ---- output ------------------------------------------------------------------------
     async def _publish(self, pending: _Pending) -> None:
         svc = self.service
-        resp: decoder_pb2.DecodeChunkResponse = await pending.response
+        try:
+            resp: decoder_pb2.DecodeChunkResponse = await pending.response
+        except Exception as exc:  # noqa: BLE001
+            if getattr(unwrap_remote(exc), "reason", None) != "SESSION_NOT_ON_REPLICA" or pending.request is None:
+                raise
+            # The decoder ring changed (e.g. it scaled): restart the decode stream at this chunk;
+            # the piece carries a fresh init segment, which MSE players accept mid-stream.
+            log.warning("session %s: decoder lost its state, restarting decode at chunk %d",
+                        self.session_id, pending.index)
+            pending.request.reset = True
+            resp = await svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(pending.request)
         if resp.init_segment:
             await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
         meta = {
@@ -212,7 +223,7 @@ class SessionRunner:
                     session_id=self.session_id, chunk_index=k, latents=tensor_to_proto(latents.cpu()), reset=k == 0
                 )
                 response = svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(request)
-                pending = _Pending(k, response, meta, started)
+                pending = _Pending(k, response, meta, started, request)
         except asyncio.CancelledError:
             self.end_reason = "closed"
         except Exception as exc:  # noqa: BLE001 - the session fails, the replica keeps serving

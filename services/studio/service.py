@@ -25,6 +25,7 @@ from services.common.errors import (
     ServiceError,
     abort_context,
     as_service_error,
+    unwrap_remote,
 )
 from services.studio.auth import ApiKeyAuth
 from services.studio.validation import (
@@ -116,9 +117,9 @@ class StudioService:
         try:
             result = await body()
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
-            err = as_service_error(_unwrap(exc))
+            err = as_service_error(unwrap_remote(exc))
             self._count(method, started, err)
-            if not isinstance(_unwrap(exc), ServiceError):
+            if not isinstance(unwrap_remote(exc), ServiceError):
                 log.exception("studio call failed")
             if grpc_context is None:
                 raise err from exc
@@ -258,7 +259,7 @@ class StudioService:
                 )
                 break
             except Exception as exc:  # noqa: BLE001
-                cause = _unwrap(exc)
+                cause = unwrap_remote(exc)
                 if not isinstance(cause, ResourceExhausted):
                     raise cause from None
                 last_error = cause
@@ -299,7 +300,7 @@ class StudioService:
             )
             self._count("StreamSession", started, None)
         except Exception as exc:  # noqa: BLE001
-            err = as_service_error(_unwrap(exc))
+            err = as_service_error(unwrap_remote(exc))
             self._count("StreamSession", started, err)
             if grpc_context is None:
                 raise err from exc
@@ -426,9 +427,3 @@ def _rejection(err: ServiceError) -> str | None:
     if err.reason in _REASON_REJECTIONS:
         return _REASON_REJECTIONS[err.reason]
     return {"UNAUTHENTICATED": "auth", "INVALID_ARGUMENT": "invalid"}.get(err.code.name)
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The original exception behind a Ray task error (handles re-raise remote errors wrapped)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
