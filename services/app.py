@@ -17,6 +17,8 @@ from shared.config import AppConfig
 
 DEPLOYMENTS = ("encoder", "decoder", "generator", "studio")
 STUDIO_SERVICER = "fashionchameleon.v1.studio_pb2_grpc.add_StudioServicer_to_server"
+EVAL_SERVICER = "fashionchameleon.v1.eval_pb2_grpc.add_EvalServicer_to_server"
+EVAL_APP = "fashionchameleon-eval"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
@@ -44,3 +46,14 @@ def build_app(config: AppConfig) -> serve.Application:
     return serve.deployment(
         StudioService, name="studio", max_ongoing_requests=1024, **opts(0.0, s.studio_replicas)
     ).bind(cj, generator, encoder)
+
+
+def build_eval_app(config: AppConfig, gpus: float = 0.0) -> serve.Application:
+    """The Eval service as its own Serve application (gRPC clients send `application:
+    fashionchameleon-eval`): it loads a whole engine per replica, so it scales apart from the
+    interactive suite and never competes with it for a generator's GPU."""
+    from services.eval.service import EvalService
+
+    return serve.deployment(
+        EvalService, name="eval", num_replicas=1, ray_actor_options={"num_cpus": 0, "num_gpus": gpus}
+    ).bind(config.to_json())

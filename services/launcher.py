@@ -141,7 +141,7 @@ def start_app(
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from services.app import STUDIO_SERVICER, build_app
+    from services.app import EVAL_SERVICER, STUDIO_SERVICER, build_app
 
     # Ray's gRPC proxy refuses larger messages with RESOURCE_EXHAUSTED before any of our code
     # runs: two images at the upload limit plus room for the rest of a request.
@@ -153,7 +153,9 @@ def start_app(
             _metrics_export_port=metrics_port, _system_config=system_config,
         )
     serve.start(
-        grpc_options=gRPCOptions(port=config.serve.grpc_port, grpc_servicer_functions=[STUDIO_SERVICER]),
+        grpc_options=gRPCOptions(
+            port=config.serve.grpc_port, grpc_servicer_functions=[STUDIO_SERVICER, EVAL_SERVICER]
+        ),
         http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),
     )
     serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=False)

@@ -11,9 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from . import checkpoint, generate, presets, serve
+from . import eval as eval_cmd
 from .common import USAGE_ERROR, CliError, Parser, quiet_libraries
 
-COMMANDS = (generate, checkpoint, presets, serve)
+COMMANDS = (generate, checkpoint, presets, serve, eval_cmd)
 
 
 def build_parser() -> Parser:

@@ -121,7 +121,9 @@ class EngineBackend:
 
         chunks = self._plan.chunks_for(frames)
         switches = {sw.chunk: sw for sw in sample.switches}
-        images = {ref: bench.image(ref) for ref in {sample.reference, sample.garment, *(s.garment for s in sample.switches)}}
+        images = {
+            ref: bench.image(ref) for ref in {sample.reference, sample.garment, *(s.garment for s in sample.switches)}
+        }
         session = self.engine.session()
         partial = out.with_name(f".{out.name}.partial")
         starts = [(0, 0, sample.garment)]
@@ -135,8 +137,14 @@ class EngineBackend:
                 for k in range(chunks):
                     if k in switches:
                         latency = session.switch_garment(images[switches[k].garment], self.options)
-                        sw_records.append({"planned_chunk": k, "effective_chunk": k, "garment": switches[k].garment,
-                                           "latency_seconds": latency})
+                        sw_records.append(
+                            {
+                                "planned_chunk": k,
+                                "effective_chunk": k,
+                                "garment": switches[k].garment,
+                                "latency_seconds": latency,
+                            }
+                        )
                     r = session.next_chunk()
                     if ttfc is None:
                         ttfc = time.perf_counter() - start
@@ -149,9 +157,15 @@ class EngineBackend:
                         written += len(keep)
                     gen_s += r.generate_seconds
                     dec_s += r.decode_seconds
-                    per_chunk.append({"index": r.index, "frames": int(r.frames.shape[0]),
-                                      "generate_seconds": r.generate_seconds, "decode_seconds": r.decode_seconds,
-                                      "switched": r.switched})
+                    per_chunk.append(
+                        {
+                            "index": r.index,
+                            "frames": int(r.frames.shape[0]),
+                            "generate_seconds": r.generate_seconds,
+                            "decode_seconds": r.decode_seconds,
+                            "switched": r.switched,
+                        }
+                    )
             os.replace(partial, out)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -159,11 +173,23 @@ class EngineBackend:
         finally:
             session.close()
         return GenerationRecord(
-            sample_id=sample.id, backend=self.kind, frames=written, chunks=chunks, width=size[0], height=size[1],
-            fps=self.fps, seed=seed, segments=_segments_from_starts(starts, written), switches=sw_records,
-            time_to_first_chunk_seconds=ttfc, total_seconds=time.perf_counter() - start,
-            generate_seconds=gen_s, decode_seconds=dec_s, per_chunk=per_chunk, model=self.describe(),
-        )  # fmt: skip
+            sample_id=sample.id,
+            backend=self.kind,
+            frames=written,
+            chunks=chunks,
+            width=size[0],
+            height=size[1],
+            fps=self.fps,
+            seed=seed,
+            segments=_segments_from_starts(starts, written),
+            switches=sw_records,
+            time_to_first_chunk_seconds=ttfc,
+            total_seconds=time.perf_counter() - start,
+            generate_seconds=gen_s,
+            decode_seconds=dec_s,
+            per_chunk=per_chunk,
+            model=self.describe(),
+        )
 
 
 class StudioBackend:
@@ -171,17 +197,27 @@ class StudioBackend:
 
     kind = STUDIO_TIMING
 
-    def __init__(self, client, target: str, plan: ChunkPlan = ChunkPlan(), session_options: dict | None = None,
-                 switch_options: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        client,
+        target: str,
+        plan: ChunkPlan | None = None,
+        session_options: dict | None = None,
+        switch_options: dict | None = None,
+    ):
         self.client = client
         self.target = target
-        self._plan = plan
+        self._plan = plan or ChunkPlan()
         self.session_options = dict(session_options or {})
         self.switch_options = switch_options
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, "target": self.target, "session_options": self.session_options,
-                "switch_options": self.switch_options}  # fmt: skip
+        return {
+            "backend": self.kind,
+            "target": self.target,
+            "session_options": self.session_options,
+            "switch_options": self.switch_options,
+        }
 
     def plan(self) -> ChunkPlan:
         return self._plan
@@ -191,11 +227,15 @@ class StudioBackend:
 
         chunks = self._plan.chunks_for(frames)
         switches = {sw.chunk: sw for sw in sample.switches}
-        data = {ref: bench.image_bytes(ref) for ref in {sample.reference, sample.garment, *(s.garment for s in sample.switches)}}
+        data = {
+            ref: bench.image_bytes(ref)
+            for ref in {sample.reference, sample.garment, *(s.garment for s in sample.switches)}
+        }
         options = {**self.session_options, "max_chunks": chunks}
         start = time.monotonic()
-        session = self.client.create_session(data[sample.reference], data[sample.garment], sample.prompt,
-                                             seed=seed, options=options)  # fmt: skip
+        session = self.client.create_session(
+            data[sample.reference], data[sample.garment], sample.prompt, seed=seed, options=options
+        )
         sid = session.session_id
         pending: list[dict] = []  # switches asked for, waiting for their first chunk
         sw_records: list[dict] = []
@@ -209,9 +249,15 @@ class StudioBackend:
                 return
             now = time.monotonic()
             arrivals.append(now)
-            per_chunk.append({"index": int(chunk.index), "frames": int(chunk.num_frames), "arrival_seconds": now - start,
-                              "generation_latency_seconds": chunk.generation_latency_seconds,
-                              "switched": bool(chunk.switch_applied)})  # fmt: skip
+            per_chunk.append(
+                {
+                    "index": int(chunk.index),
+                    "frames": int(chunk.num_frames),
+                    "arrival_seconds": now - start,
+                    "generation_latency_seconds": chunk.generation_latency_seconds,
+                    "switched": bool(chunk.switch_applied),
+                }
+            )
             with lock:
                 if chunk.switch_applied and pending:
                     rec = pending.pop(0)
@@ -224,8 +270,14 @@ class StudioBackend:
                     sw = switches[nxt]
                     asked = time.monotonic()
                     resp = self.client.switch_garment(sid, data[sw.garment], options=self.switch_options)
-                    pending.append({"planned_chunk": nxt, "announced_chunk": int(resp.effective_chunk_index),
-                                    "garment": sw.garment, "_asked": asked})  # fmt: skip
+                    pending.append(
+                        {
+                            "planned_chunk": nxt,
+                            "announced_chunk": int(resp.effective_chunk_index),
+                            "garment": sw.garment,
+                            "_asked": asked,
+                        }
+                    )
 
         try:
             self.client.save(sid, out, max_chunks=chunks, on_chunk=on_chunk)
@@ -241,10 +293,20 @@ class StudioBackend:
         total_frames = min(frames, info.num_frames)
         end = arrivals[-1] if arrivals else time.monotonic()
         return GenerationRecord(
-            sample_id=sample.id, backend=self.kind, frames=total_frames, chunks=len(per_chunk),
-            width=int(session.width or info.width), height=int(session.height or info.height),
-            fps=float(session.fps or info.fps), seed=int(session.seed), segments=_segments_from_starts(starts, total_frames),
-            switches=sw_records, time_to_first_chunk_seconds=(arrivals[0] - start) if arrivals else None,
-            total_seconds=end - start, generate_seconds=None, decode_seconds=None, per_chunk=per_chunk,
+            sample_id=sample.id,
+            backend=self.kind,
+            frames=total_frames,
+            chunks=len(per_chunk),
+            width=int(session.width or info.width),
+            height=int(session.height or info.height),
+            fps=float(session.fps or info.fps),
+            seed=int(session.seed),
+            segments=_segments_from_starts(starts, total_frames),
+            switches=sw_records,
+            time_to_first_chunk_seconds=(arrivals[0] - start) if arrivals else None,
+            total_seconds=end - start,
+            generate_seconds=None,
+            decode_seconds=None,
+            per_chunk=per_chunk,
             model={**self.describe(), "preset": session.preset},
-        )  # fmt: skip
+        )

@@ -114,7 +114,7 @@ class Benchmark:
         if self.base.startswith(OBJECT_PREFIX):
             if Path(ref).is_absolute():
                 return ref
-            prefix = self.base[len(OBJECT_PREFIX):]
+            prefix = self.base[len(OBJECT_PREFIX) :]
             return OBJECT_PREFIX + posixpath.normpath(posixpath.join(prefix, ref)) if prefix else OBJECT_PREFIX + ref
         p = Path(ref)
         return str(p if p.is_absolute() else Path(self.base) / p)
@@ -124,7 +124,7 @@ class Benchmark:
         if where.startswith(OBJECT_PREFIX):
             if self.store is None:
                 raise BenchError(f"image {ref!r} is an object key but no object store is configured")
-            return self.store.get_bytes(where[len(OBJECT_PREFIX):])
+            return self.store.get_bytes(where[len(OBJECT_PREFIX) :])
         try:
             return Path(where).read_bytes()
         except OSError as e:
@@ -172,7 +172,7 @@ def load_benchmark(source: str | Path, store: ObjectStore | None = None, name: s
     if source.startswith(OBJECT_PREFIX):
         if store is None:
             raise BenchError(f"manifest {source!r} is an object key but no object store is configured")
-        key = source[len(OBJECT_PREFIX):]
+        key = source[len(OBJECT_PREFIX) :]
         data = store.get_bytes(key)
         base = OBJECT_PREFIX + posixpath.dirname(key)
         default_name = posixpath.splitext(posixpath.basename(key))[0]

@@ -68,8 +68,10 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tolerances: dict[str, 
     warnings = []
     ba, bb = a.get("benchmark", {}), b.get("benchmark", {})
     if ba.get("sha256") != bb.get("sha256"):
-        warnings.append(f"different benchmarks: A {ba.get('name')} ({str(ba.get('sha256'))[:12]}) vs "
-                        f"B {bb.get('name')} ({str(bb.get('sha256'))[:12]})")  # fmt: skip
+        warnings.append(
+            f"different benchmarks: A {ba.get('name')} ({str(ba.get('sha256'))[:12]}) vs "
+            f"B {bb.get('name')} ({str(bb.get('sha256'))[:12]})"
+        )
     for side, rep in (("A", a), ("B", b)):
         failed = rep.get("benchmark", {}).get("failed", 0)
         if failed:
@@ -82,8 +84,17 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], tolerances: dict[str, 
         va = (ma.get(k) or {}).get("value")
         vb = (mb.get(k) or {}).get("value")
         tol = tolerances.get(k)
-        rows.append(Row(k, info.get("title", k), va, vb, info.get("higher_is_better"), tol,
-                        _verdict(va, vb, info.get("higher_is_better"), tol)))  # fmt: skip
+        rows.append(
+            Row(
+                k,
+                info.get("title", k),
+                va,
+                vb,
+                info.get("higher_is_better"),
+                tol,
+                _verdict(va, vb, info.get("higher_is_better"), tol),
+            )
+        )
     return Comparison(rows, warnings)
 
 
@@ -111,9 +122,13 @@ def format_table(c: Comparison, label_a: str = "A", label_b: str = "B") -> str:
         delta = "—" if r.delta is None else f"{r.delta:+.4f}"
         verdict = r.verdict.upper() if r.verdict in ("regression", "lost") else r.verdict
         body.append([f"{r.key} {arrow}", _f(r.a), _f(r.b), delta, rel, _tol(r.tolerance), verdict])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+
+    def line(cells: list) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
     out = [line(head), "  ".join("-" * w for w in widths)] + [line(b) for b in body]
     out += [f"warning: {w}" for w in c.warnings]
     n = len(c.regressions)

@@ -55,7 +55,7 @@ SYSTEM_PROMPT = """Task Objective: Evaluate the quality of AI-customized video g
 
 Input Description: [Image 1]: Original image of the model (reference for person identity, pose, non-target clothing, and original background). [Image 2]: Target garment image (reference for the clothing to be virtually tried on). [Video 1]: AI-generated video sequence (evaluation target).
 
-Scoring Dimensions: 1-5, where 1 is the worst and 5 is the best:
+Scoring Dimensions: 1–5, where 1 is the worst and 5 is the best:
 
 1. High-level garment consistency
 
@@ -63,7 +63,7 @@ Evaluate how well the target garment in [Image 2] matches the garment worn by th
 
 2. Low-level garment consistency
 
-Evaluate how well the target garment in [Image 2] matches the garment worn by the model in the corresponding [Video 1] sequence at the pixel-detail level. Checkpoints: whether fine-grained features are accurately reproduced, such as patterns (prints, stripes), logos, embroidery, fabric texture, surface gloss, etc. Hard constraint: If there is obvious pattern distortion, blurred logos, or completely incorrect fabric texture, this score must be <= 2. Execution focus: Only evaluate the match of the target garment from [Image 2]; ignore other non-target garments worn by the model in [Video 1].
+Evaluate how well the target garment in [Image 2] matches the garment worn by the model in the corresponding [Video 1] sequence at the pixel-detail level. Checkpoints: whether fine-grained features are accurately reproduced, such as patterns (prints, stripes), logos, embroidery, fabric texture, surface gloss, etc. Hard constraint: If there is obvious pattern distortion, blurred logos, or completely incorrect fabric texture, this score must be ≤ 2. Execution focus: Only evaluate the match of the target garment from [Image 2]; ignore other non-target garments worn by the model in [Video 1].
 
 3. Non-target garment preservation
 
@@ -187,7 +187,9 @@ def parse_scores(text: str | None, lo: float = 1.0, hi: float = 5.0) -> dict[str
         raise InvalidAnswer("malformed", f"no JSON object in the answer: {text[:80]!r}")
     best: dict[str, Any] = {}
     for obj in objects:  # the first object that names the most dimensions
-        mapped = {_KEY_LOOKUP[_norm_key(k)]: v for k, v in obj.items() if isinstance(k, str) and _norm_key(k) in _KEY_LOOKUP}
+        mapped = {
+            _KEY_LOOKUP[_norm_key(k)]: v for k, v in obj.items() if isinstance(k, str) and _norm_key(k) in _KEY_LOOKUP
+        }
         if len(mapped) > len(best):
             best = mapped
     missing = [DIMENSIONS[m][0] for m in DIMENSIONS if m not in best]
@@ -242,7 +244,9 @@ def _names() -> list[str]:
 
 def openai_request(cfg: JudgeConfig, parts: list[Part]) -> tuple[str, dict, dict]:
     content = [
-        {"type": "text", "text": v} if k == "text" else {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{v}"}}
+        {"type": "text", "text": v}
+        if k == "text"
+        else {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{v}"}}
         for k, v in parts
     ]
     body: dict[str, Any] = {
@@ -258,7 +262,10 @@ def openai_request(cfg: JudgeConfig, parts: list[Part]) -> tuple[str, dict, dict
             "required": _names(),
             "additionalProperties": False,
         }
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "garment_scores", "strict": True, "schema": schema}}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "garment_scores", "strict": True, "schema": schema},
+        }
     elif cfg.response_format == "json_object":
         body["response_format"] = {"type": "json_object"}
     headers = {"Content-Type": "application/json"}
@@ -425,6 +432,8 @@ class Judge:
         return RepeatOutcome(None, cfg.max_attempts, f"gave up after {cfg.max_attempts} attempts ({reason})", raw)
 
     def judge(self, reference: Image.Image, garment: Image.Image, frames: np.ndarray) -> Judgement:
+        """`frames` uint8 [T, H, W, 3]; `cfg.frames` of them, uniformly spaced, are sent."""
+        frames = frames[sample_indices(len(frames), self.cfg.frames)]
         parts = judge_parts(reference, garment, frames, self.cfg)
         repeats = [self.one(parts) for _ in range(self.cfg.repeats)]
         scores: dict[str, float | None] = {}
@@ -449,8 +458,7 @@ def judge_metrics(judge: Judge, video: SampleVideo) -> list[MetricResult]:
         frames = video.frames[seg.start : seg.end]
         if len(frames) == 0:
             continue
-        idx = sample_indices(len(frames), judge.cfg.frames)
-        j = judge.judge(video.reference, seg.garment, frames[idx])
+        j = judge.judge(video.reference, seg.garment, frames)
         segments.append(
             {
                 "start_frame": seg.start,

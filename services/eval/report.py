@@ -38,7 +38,7 @@ REPORT_VERSION = 1
 PERF_KEYS = ("backbone_fps", "end_to_end_fps", "time_to_first_chunk_seconds", "switch_latency_seconds")
 TIMING_DEFINITIONS = {
     "engine": {
-        "backbone_fps": "pixel frames / DiT seconds (denoising + context pass), pooled over the run; VAE decode excluded",
+        "backbone_fps": "pixel frames / DiT seconds (denoising + context pass), pooled; VAE decode excluded",
         "end_to_end_fps": "pixel frames / (DiT + streaming VAE decode) seconds, pooled over the run",
         "time_to_first_chunk_seconds": "session open (image + prompt encoding, cond pass) to first decoded chunk",
         "switch_latency_seconds": "compute time of each garment switch (encode, KV refresh/withdraw, disentangle)",
@@ -63,8 +63,11 @@ def perf_results(rec: GenerationRecord) -> list[MetricResult]:
         e2e = rec.generate_seconds + rec.decode_seconds
     else:
         e2e = rec.total_seconds
-    out.append(MetricResult.ok("end_to_end_fps", rec.frames / e2e, rec.backend) if e2e > 0 else
-               MetricResult.missing("end_to_end_fps", "zero duration", rec.backend))  # fmt: skip
+    out.append(
+        MetricResult.ok("end_to_end_fps", rec.frames / e2e, rec.backend)
+        if e2e > 0
+        else MetricResult.missing("end_to_end_fps", "zero duration", rec.backend)
+    )
     if rec.time_to_first_chunk_seconds is not None:
         out.append(MetricResult.ok("time_to_first_chunk_seconds", rec.time_to_first_chunk_seconds, rec.backend))
     else:
@@ -76,6 +79,18 @@ def perf_results(rec: GenerationRecord) -> list[MetricResult]:
         else:
             out.append(MetricResult.missing("switch_latency_seconds", "no switch was seen applied", rec.backend))
     return out
+
+
+def _pooled(key: str, records: list[GenerationRecord]) -> tuple[int, float]:
+    """(pixel frames, seconds) over the run for a pooled rate."""
+    if key == "backbone_fps":
+        eng = [r for r in records if r.backend == ENGINE_TIMING and r.generate_seconds]
+        return sum(r.frames for r in eng), sum(r.generate_seconds for r in eng)
+    secs = 0.0
+    for r in records:
+        engine = r.backend == ENGINE_TIMING and r.generate_seconds is not None and r.decode_seconds is not None
+        secs += (r.generate_seconds + r.decode_seconds) if engine else r.total_seconds
+    return sum(r.frames for r in records), secs
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -101,27 +116,38 @@ def summarize(key: str, results: list[MetricResult], records: list[GenerationRec
         "value": None,
         "aggregate": "mean",
     }
+    if key == "face_similarity":
+        faceless = sum(1 for r in results if r.status == "ok" and r.details.get("faces_detected") == 0)
+        if faceless:
+            s["notes"] = [
+                f"{faceless} sample(s) had no detectable face in any sampled frame and score 0 "
+                "(OpenS2V convention: identity lost)"
+            ]
     if not ok:
-        s["status"] = max(("unavailable", "missing", "error"), key=lambda st: counts.get(st, 0)) if results else "missing"
+        s["status"] = (
+            max(("unavailable", "missing", "error"), key=lambda st: counts.get(st, 0)) if results else "missing"
+        )
         return s
     s["status"] = "ok" if len(ok) == len(results) else "partial"
     arr = np.asarray(ok, dtype=np.float64)
-    s.update(mean=float(arr.mean()), std=float(arr.std()), median=float(np.median(arr)), min=float(arr.min()),
-             max=float(arr.max()), value=float(arr.mean()))  # fmt: skip
+    s.update(
+        mean=float(arr.mean()),
+        std=float(arr.std()),
+        median=float(np.median(arr)),
+        min=float(arr.min()),
+        max=float(arr.max()),
+        value=float(arr.mean()),
+    )
     if key in ("backbone_fps", "end_to_end_fps"):
-        eng = [r for r in records if r.backend == ENGINE_TIMING and r.generate_seconds]
-        frames = sum(r.frames for r in records if key == "end_to_end_fps" or r in eng)
-        if key == "backbone_fps":
-            secs = sum(r.generate_seconds for r in eng)
-        else:
-            secs = sum((r.generate_seconds + r.decode_seconds) if r.backend == ENGINE_TIMING else r.total_seconds
-                       for r in records)  # fmt: skip
+        frames, secs = _pooled(key, records)
         if secs > 0:
             s.update(value=frames / secs, aggregate="pooled")
     elif key in ("time_to_first_chunk_seconds", "switch_latency_seconds"):
-        each = ok if key == "time_to_first_chunk_seconds" else [
-            v for r in results if r.status == "ok" for v in r.details.get("each", [r.value])
-        ]
+        each = (
+            ok
+            if key == "time_to_first_chunk_seconds"
+            else [v for r in results if r.status == "ok" for v in r.details.get("each", [r.value])]
+        )
         s.update(value=_pct(each, 50), p95=_pct(each, 95), aggregate="p50")
     return s
 
@@ -133,9 +159,13 @@ def build_report(run_dir: str | Path, bench: Benchmark | None = None) -> dict[st
     if run is None:
         raise FileNotFoundError(f"{run_dir} is not a run folder (no {RUN_FILE})")
     ident = run["identity"]
-    ids = [s.id for s in bench.samples] if bench is not None else sorted(
-        p.name for p in (run_dir / "samples").iterdir() if p.is_dir()
-    ) if (run_dir / "samples").is_dir() else []
+    ids = (
+        [s.id for s in bench.samples]
+        if bench is not None
+        else sorted(p.name for p in (run_dir / "samples").iterdir() if p.is_dir())
+        if (run_dir / "samples").is_dir()
+        else []
+    )
     interactive = {s.id: s.interactive for s in bench.samples} if bench is not None else {}
     per_key: dict[str, list[MetricResult]] = {}
     samples, records = [], []
@@ -150,23 +180,28 @@ def build_report(run_dir: str | Path, bench: Benchmark | None = None) -> dict[st
             per_key.setdefault(r.key, []).append(r)
         judge = next((r for r in results if r.key == "judge_hgc"), None)
         cont = next((r for r in results if r.key == "switch_continuity"), None)
-        samples.append({
-            "id": sid,
-            "status": "ok" if results else "unscored",
-            "interactive": interactive.get(sid, len(rec.segments) > 1),
-            "frames": rec.frames,
-            "values": {r.key: r.value for r in all_results},
-            "statuses": {r.key: r.status for r in all_results},
-            "reasons": {r.key: r.reason for r in all_results if r.reason},
-            "segments": (judge.details.get("segments") if judge else None) or [
-                {"start_frame": s["start"], "end_frame": s["end"], "garment": s["garment"]} for s in rec.segments
-            ],
-            "switches": rec.switches,
-            "switch_boundaries": cont.details.get("boundaries", []) if cont else [],
-            "timing": {"time_to_first_chunk_seconds": rec.time_to_first_chunk_seconds,
-                       "total_seconds": rec.total_seconds, "generate_seconds": rec.generate_seconds,
-                       "decode_seconds": rec.decode_seconds},
-        })  # fmt: skip
+        samples.append(
+            {
+                "id": sid,
+                "status": "ok" if results else "unscored",
+                "error": err,
+                "interactive": interactive.get(sid, len(rec.segments) > 1),
+                "frames": rec.frames,
+                "values": {r.key: r.value for r in all_results},
+                "statuses": {r.key: r.status for r in all_results},
+                "reasons": {r.key: r.reason for r in all_results if r.reason},
+                "segments": (judge.details.get("segments") if judge else None)
+                or [{"start_frame": s["start"], "end_frame": s["end"], "garment": s["garment"]} for s in rec.segments],
+                "switches": rec.switches,
+                "switch_boundaries": cont.details.get("boundaries", []) if cont else [],
+                "timing": {
+                    "time_to_first_chunk_seconds": rec.time_to_first_chunk_seconds,
+                    "total_seconds": rec.total_seconds,
+                    "generate_seconds": rec.generate_seconds,
+                    "decode_seconds": rec.decode_seconds,
+                },
+            }
+        )
     order = [k for k in METRIC_INFO if k in per_key] + sorted(k for k in per_key if k not in METRIC_INFO)
     backend = ident["backend"].get("backend", "engine")
     return {
@@ -175,14 +210,18 @@ def build_report(run_dir: str | Path, bench: Benchmark | None = None) -> dict[st
         "label": run.get("label", ""),
         "created_at": run.get("created_at"),
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "benchmark": {**ident["benchmark"], "samples": len(ids),
-                      "generated": len(records), "failed": sum(s["status"] == "failed" for s in samples)},
+        "benchmark": {
+            **ident["benchmark"],
+            "samples": len(ids),
+            "generated": len(records),
+            "failed": sum(s["status"] == "failed" for s in samples),
+        },
         "backend": ident["backend"],
         "generation": ident["generation"],
         "timing_definitions": TIMING_DEFINITIONS.get(backend, {}),
         "metrics": {k: summarize(k, per_key[k], records) for k in order},
         "samples": samples,
-    }  # fmt: skip
+    }
 
 
 # ---- Markdown ------------------------------------------------------------------------------
@@ -201,10 +240,13 @@ def _arrow(h: bool | None) -> str:
 
 
 def _status_note(m: dict) -> str:
+    notes = "".join(f" — {n}" for n in m.get("notes", []))
     if m["status"] in ("ok",):
-        return ", ".join(m["models"])
+        return ", ".join(m["models"]) + notes
     reasons = "; ".join(f"{r} ({n})" for r, n in m["reasons"].items())
-    return f"**{m['status']}**: {reasons}" if m["status"] != "partial" else f"{', '.join(m['models'])} — {reasons}"
+    if m["status"] != "partial":
+        return f"**{m['status']}**: {reasons}"
+    return f"{', '.join(m['models'])} — {reasons}{notes}"
 
 
 def to_markdown(report: dict) -> str:
@@ -233,8 +275,13 @@ def to_markdown(report: dict) -> str:
         lines += ["", "## Timing definitions", ""]
         lines += [f"- `{k}`: {v}" for k, v in report["timing_definitions"].items()]
     keys = [k for k in report["metrics"] if k not in ("switch_latency_seconds",)][:12]
-    lines += ["", "## Samples", "", "| sample | " + " | ".join(f"`{k}`" for k in keys) + " |",
-              "|---|" + "---:|" * len(keys)]  # fmt: skip
+    lines += [
+        "",
+        "## Samples",
+        "",
+        "| sample | " + " | ".join(f"`{k}`" for k in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
     for s in report["samples"]:
         if s["status"] in ("failed", "pending"):
             lines.append(f"| {s['id']} | **{s['status']}**: {s.get('error') or ''} |")
@@ -250,14 +297,20 @@ def to_markdown(report: dict) -> str:
             lines.append("|---|---|---:|---:|---:|")
             for seg in s["segments"]:
                 sc = seg.get("scores") or {}
-                lines.append(f"| {seg['start_frame']}–{seg['end_frame']} | `{seg['garment']}` | "
-                             f"{fmt(sc.get('judge_hgc'), 2)} | {fmt(sc.get('judge_lgc'), 2)} | {fmt(sc.get('judge_ntp'), 2)} |")
+                lines.append(
+                    f"| {seg['start_frame']}–{seg['end_frame']} | `{seg['garment']}` | "
+                    f"{fmt(sc.get('judge_hgc'), 2)} | {fmt(sc.get('judge_lgc'), 2)} | {fmt(sc.get('judge_ntp'), 2)} |"
+                )
             for bnd in s["switch_boundaries"]:
-                lines.append(f"\n- switch at frame {bnd['frame']}: continuity {fmt(bnd['continuity'], 3)} "
-                             f"(boundary flow {fmt(bnd['cross_flow_px'], 2)} px vs local {fmt(bnd['local_flow_px'], 2)} px)")
+                lines.append(
+                    f"\n- switch at frame {bnd['frame']}: continuity {fmt(bnd['continuity'], 3)} "
+                    f"(boundary flow {fmt(bnd['cross_flow_px'], 2)} px vs local {fmt(bnd['local_flow_px'], 2)} px)"
+                )
             for sw in s["switches"]:
-                lines.append(f"- switch planned at chunk {sw['planned_chunk']}, effective at chunk "
-                             f"{sw.get('effective_chunk')}, latency {fmt(sw.get('latency_seconds'), 3)} s")
+                lines.append(
+                    f"- switch planned at chunk {sw['planned_chunk']}, effective at chunk "
+                    f"{sw.get('effective_chunk')}, latency {fmt(sw.get('latency_seconds'), 3)} s"
+                )
             lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -271,8 +324,10 @@ def _png_b64(fig) -> str:
 
 def histograms(report: dict) -> dict[str, str]:
     """Per metric with at least one value: a base64 PNG histogram of the per-sample values."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        return {}  # the page says so; the numbers are all in the tables
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -343,10 +398,16 @@ def to_html(report: dict, strips: dict[str, str] | None = None, hists: dict[str,
     rows = []
     for key, m in report["metrics"].items():
         cls = "" if m["status"] in ("ok", "partial") else ' class="bad"'
-        note = e(", ".join(m["models"])) if m["status"] == "ok" else e(
-            "; ".join(f"{r} ({n})" for r, n in m["reasons"].items()))
+        note = (
+            e(", ".join(m["models"]))
+            if m["status"] == "ok"
+            else e("; ".join(f"{r} ({n})" for r, n in m["reasons"].items()))
+        )
+        if m["status"] == "partial":
+            note = e(", ".join(m["models"])) + " — " + note
         if m["status"] not in ("ok", "partial"):
             note = f"<b>{e(m['status'])}</b>: {note}"
+        note += "".join(f"<br><span class=muted>{e(n)}</span>" for n in m.get("notes", []))
         agg = "" if m["aggregate"] == "mean" else f" <span class='muted'>({e(m['aggregate'])})</span>"
         rows.append(
             f"<tr{cls}><td>{e(m['title'])} {_arrow(m['higher_is_better'])}<br><code>{e(key)}</code></td>"
@@ -357,8 +418,10 @@ def to_html(report: dict, strips: dict[str, str] | None = None, hists: dict[str,
     srows = []
     for s in report["samples"]:
         if s["status"] in ("failed", "pending"):
-            srows.append(f"<tr class=bad><td>{e(s['id'])}</td><td colspan={len(keys)}>{e(s['status'])}: "
-                         f"{e(s.get('error') or '')}</td></tr>")  # fmt: skip
+            srows.append(
+                f"<tr class=bad><td>{e(s['id'])}</td><td colspan={len(keys)}>{e(s['status'])}: "
+                f"{e(s.get('error') or '')}</td></tr>"
+            )
             continue
         cells = "".join(
             f"<td class=num title='{e(s['reasons'].get(k, ''))}'>{e(fmt(s['values'].get(k), 3))}</td>" for k in keys
@@ -371,36 +434,57 @@ def to_html(report: dict, strips: dict[str, str] | None = None, hists: dict[str,
         f"<p>Benchmark <b>{e(b['name'])}</b> (sha256 <code>{e(b['sha256'][:12])}</code>): {b['samples']} samples, "
         f"{b['generated']} generated, {b['failed']} failed.<br>Backend: "
         + e(", ".join(f"{k}={v}" for k, v in report["backend"].items() if not isinstance(v, dict)))
-        + f"<br><span class=muted>created {e(str(report['created_at']))}, report {e(report['generated_at'])}</span></p>",
+        + f"<br><span class=muted>created {e(str(report['created_at']))}, "
+        f"report {e(report['generated_at'])}</span></p>",
         "<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>n</th><th>missing/unavail./error</th>"
         "<th>model / notes</th></tr>" + "".join(rows) + "</table>",
     ]
     if report.get("timing_definitions"):
-        parts.append("<p class=muted>" + "<br>".join(
-            f"<code>{e(k)}</code>: {e(v)}" for k, v in report["timing_definitions"].items()) + "</p>")
-    if hists:
-        parts.append("<h2>Distributions</h2><div class=grid>" + "".join(
-            f"<img alt='{e(k)}' src='data:image/png;base64,{v}'>" for k, v in hists.items()) + "</div>")
-    parts.append("<h2>Samples</h2><table><tr><th>sample</th>" + "".join(f"<th><code>{e(k)}</code></th>" for k in keys)
-                 + "</tr>" + "".join(srows) + "</table>")  # fmt: skip
+        parts.append(
+            "<p class=muted>"
+            + "<br>".join(f"<code>{e(k)}</code>: {e(v)}" for k, v in report["timing_definitions"].items())
+            + "</p>"
+        )
+    if not hists:
+        parts.append("<p class=muted>No histograms (matplotlib is not installed, or no metric has values).</p>")
+    else:
+        parts.append(
+            "<h2>Distributions</h2><div class=grid>"
+            + "".join(f"<img alt='{e(k)}' src='data:image/png;base64,{v}'>" for k, v in hists.items())
+            + "</div>"
+        )
+    parts.append(
+        "<h2>Samples</h2><div style='overflow-x:auto'><table><tr><th>sample</th>"
+        + "".join(f"<th><code>{e(k)}</code></th>" for k in keys)
+        + "</tr>"
+        + "".join(srows)
+        + "</table></div>"
+    )
     for s in report["samples"]:
         if s["status"] in ("failed", "pending"):
             continue
         segs = "".join(
             f"<tr><td>{g['start_frame']}–{g['end_frame']}</td><td><code>{e(g['garment'])}</code></td>"
-            + "".join(f"<td class=num>{e(fmt((g.get('scores') or {}).get(k), 2))}</td>"
-                      for k in ("judge_hgc", "judge_lgc", "judge_ntp"))
+            + "".join(
+                f"<td class=num>{e(fmt((g.get('scores') or {}).get(k), 2))}</td>"
+                for k in ("judge_hgc", "judge_lgc", "judge_ntp")
+            )
             + "</tr>"
             for g in s["segments"]
-        )  # fmt: skip
-        bnds = "".join(f"<li>switch at frame {b_['frame']}: continuity {e(fmt(b_['continuity'], 3))}</li>"
-                       for b_ in s["switch_boundaries"])  # fmt: skip
+        )
+        bnds = "".join(
+            f"<li>switch at frame {b_['frame']}: continuity {e(fmt(b_['continuity'], 3))}</li>"
+            for b_ in s["switch_boundaries"]
+        )
         strip = strips.get(s["id"])
         parts.append(
             f"<div class=sample id='s-{e(s['id'])}'><h3>{e(s['id'])}</h3>"
             + (f"<img alt='frames of {e(s['id'])}' src='data:image/jpeg;base64,{strip}'>" if strip else "")
-            + "<table><tr><th>segment</th><th>garment</th><th>HGC</th><th>LGC</th><th>NTP</th></tr>" + segs + "</table>"
-            + (f"<ul>{bnds}</ul>" if bnds else "") + "</div>"
+            + "<table><tr><th>segment</th><th>garment</th><th>HGC</th><th>LGC</th><th>NTP</th></tr>"
+            + segs
+            + "</table>"
+            + (f"<ul>{bnds}</ul>" if bnds else "")
+            + "</div>"
         )
     parts.append("</body></html>")
     return "\n".join(parts)
@@ -428,7 +512,9 @@ def sample_strips(run_dir: Path, report: dict, bench: Benchmark | None, max_samp
     return out
 
 
-def write_reports(run_dir: str | Path, bench: Benchmark | None = None, store=None, prefix: str = "eval") -> dict[str, Any]:
+def write_reports(
+    run_dir: str | Path, bench: Benchmark | None = None, store=None, prefix: str = "eval"
+) -> dict[str, Any]:
     """Build and write report.{json,md,html} into the run folder (and the object store when
     given, under {prefix}/runs/<run_id>/). Returns the report dict (with "objects")."""
     run_dir = Path(run_dir)
@@ -437,8 +523,11 @@ def write_reports(run_dir: str | Path, bench: Benchmark | None = None, store=Non
     page = to_html(report, sample_strips(run_dir, report, bench))
     if store is not None:
         base = f"{prefix}/runs/{report['run_id']}"
-        report["objects"] = {"json": f"{base}/report.json", "markdown": f"{base}/report.md",
-                             "html": f"{base}/report.html"}  # fmt: skip
+        report["objects"] = {
+            "json": f"{base}/report.json",
+            "markdown": f"{base}/report.md",
+            "html": f"{base}/report.html",
+        }
     write_json_atomic(run_dir / "report.json", report)
     (run_dir / "report.md").write_text(md)
     (run_dir / "report.html").write_text(page)

@@ -51,6 +51,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=str)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports are meant to be read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -78,7 +79,7 @@ class Progress:
     total: int
     done: int = 0
     failed: int = 0
-    scored: int = 0
+    scored: int = 0  # samples (re)scored in this call
     current: str | None = None
 
 
@@ -120,7 +121,7 @@ class Runner:
             "generation": {"default_frames": r.default_frames, "seed": r.seed, "fps": r.fps},
         }
 
-    def _open_run(self) -> None:
+    def open_run(self) -> None:
         ident = self.identity()
         path = self.run_dir / RUN_FILE
         existing = read_json(path)
@@ -131,13 +132,16 @@ class Runner:
                     "use a new run folder"
                 )
             return
-        write_json_atomic(path, {
-            "format_version": FORMAT_VERSION,
-            "run_id": self.run_id,
-            "label": self.label,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "identity": ident,
-        })  # fmt: skip
+        write_json_atomic(
+            path,
+            {
+                "format_version": FORMAT_VERSION,
+                "run_id": self.run_id,
+                "label": self.label,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "identity": ident,
+            },
+        )
 
     # ---- one sample ----------------------------------------------------------------------
     def _generation(self, sample: Sample) -> GenerationRecord:
@@ -151,14 +155,15 @@ class Runner:
         seed = self.cfg.runner.seed if sample.seed is None else sample.seed
         record = self.backend.generate(self.bench, sample, video, frames, seed)
         write_json_atomic(d / "generation.json", record.to_dict())
-        (d / "error.json").unlink(missing_ok=True)
         return record
 
     def video_of(self, sample: Sample, record: GenerationRecord) -> SampleVideo:
         from shared.media.video import read_frames
 
         frames = read_frames(self.sample_dir(sample.id) / "video.mp4")[: record.frames]  # uint8 [T, H, W, 3]
-        segments = [Segment(s["start"], s["end"], self.bench.image(s["garment"]), s["garment"]) for s in record.segments]
+        segments = [
+            Segment(s["start"], s["end"], self.bench.image(s["garment"]), s["garment"]) for s in record.segments
+        ]
         return SampleVideo(sample.id, frames, record.fps, self.bench.image(sample.reference), sample.prompt, segments)
 
     def _metrics(self, sample: Sample, record: GenerationRecord) -> bool:
@@ -172,51 +177,63 @@ class Runner:
         write_json_atomic(path, {"fingerprint": fp, "results": [r.to_dict() for r in results]})
         return True
 
-    def _process(self, sample: Sample) -> tuple[str, str | None]:
+    def _process(self, sample: Sample) -> tuple[str, str | None, bool]:
+        """(sample id, failure or None, scored now). Failures are recorded and retried on resume."""
+        stage = "generation"
         try:
             record = self._generation(sample)
-        except Exception as e:  # noqa: BLE001 - record, keep going, retry on resume
-            reason = f"{type(e).__name__}: {e}"
-            write_json_atomic(self.sample_dir(sample.id) / "error.json", {"stage": "generation", "error": reason})
-            return sample.id, reason
-        self._metrics(sample, record)
-        return sample.id, None
+            stage = "scoring"
+            scored = self._metrics(sample, record)
+        except Exception as e:  # noqa: BLE001 - record, keep going
+            reason = f"{stage}: {type(e).__name__}: {e}"
+            write_json_atomic(self.sample_dir(sample.id) / "error.json", {"stage": stage, "error": reason})
+            return sample.id, reason, False
+        (self.sample_dir(sample.id) / "error.json").unlink(missing_ok=True)
+        return sample.id, None, scored
 
     # ---- the run -------------------------------------------------------------------------
     def run(self, max_samples: int | None = None, check_images: bool = True) -> Progress:
         samples = self.bench.samples[:max_samples] if max_samples else self.bench.samples
         if check_images:
             check_samples(self.bench, self.backend.plan(), self.cfg.runner.default_frames, tuple(samples))
-        self._open_run()
+        self.open_run()
         progress = Progress(total=len(samples))
         bar = None
         if self.show_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(samples), desc=f"eval {self.run_id}", unit="sample", file=sys.stderr,
-                       dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=len(samples), desc=f"eval {self.run_id}", unit="sample", file=sys.stderr, dynamic_ncols=True
+            )
+        pool = ThreadPoolExecutor(max_workers=self.cfg.runner.concurrency, thread_name_prefix="eval")
         try:
-            with ThreadPoolExecutor(max_workers=self.cfg.runner.concurrency, thread_name_prefix="eval") as pool:
-                futures = {pool.submit(self._process, s): s.id for s in samples}
-                for fut in as_completed(futures):
-                    sid, err = fut.result()
-                    with self._lock:
-                        progress.done += 1
-                        progress.failed += err is not None
-                        progress.current = sid
-                    if bar is not None:
-                        bar.update(1)
-                        if err:
-                            bar.write(f"sample {sid} failed: {err}", file=sys.stderr)
-                    if self.on_progress is not None:
-                        self.on_progress(progress)
+            futures = {pool.submit(self._process, s): s.id for s in samples}
+            for fut in as_completed(futures):
+                sid, err, scored = fut.result()
+                with self._lock:
+                    progress.done += 1
+                    progress.failed += err is not None
+                    progress.scored += scored
+                    progress.current = sid
+                if bar is not None:
+                    bar.update(1)
+                    if err:
+                        bar.write(f"sample {sid} failed: {err}", file=sys.stderr)
+                if self.on_progress is not None:
+                    self.on_progress(progress)
+        except BaseException:  # Ctrl-C / a crash: drop queued samples; the ones in flight finish
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally:
+            pool.shutdown(wait=True)
             if bar is not None:
                 bar.close()
         return progress
 
 
-def load_sample_results(run_dir: Path, sample_id: str) -> tuple[GenerationRecord | None, list[MetricResult], str | None]:
+def load_sample_results(
+    run_dir: Path, sample_id: str
+) -> tuple[GenerationRecord | None, list[MetricResult], str | None]:
     d = Path(run_dir) / "samples" / sample_id
     gen = read_json(d / "generation.json")
     met = read_json(d / "metrics.json")

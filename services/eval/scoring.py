@@ -53,14 +53,29 @@ class Scorer:
             raise ValueError(f"unknown metric groups {sorted(unknown)}; known: {sorted(METRIC_GROUPS)}")
         self._models = {
             "identity": _Lazy(lambda: _build_identity(metrics)),
-            "qalign": _Lazy(lambda: _need(metrics.qalign_model, "no Q-Align model folder configured (qalign_model)",
-                                          lambda p: learned.QAlignScorer(p, metrics.device))),
-            "musiq": _Lazy(lambda: _need(metrics.musiq_weights, "no MUSIQ checkpoint configured (musiq_weights)",
-                                         lambda p: quality.MusiqScorer(p, metrics.device))),
-            "gme": _Lazy(lambda: _need(metrics.gme_model, "no GME model folder configured (gme_model)",
-                                       lambda p: learned.GmeEmbedder(p, metrics.device))),
+            "qalign": _Lazy(
+                lambda: _need(
+                    metrics.qalign_model,
+                    "no Q-Align model folder configured (qalign_model)",
+                    lambda p: learned.QAlignScorer(p, metrics.device),
+                )
+            ),
+            "musiq": _Lazy(
+                lambda: _need(
+                    metrics.musiq_weights,
+                    "no MUSIQ checkpoint configured (musiq_weights)",
+                    lambda p: quality.MusiqScorer(p, metrics.device),
+                )
+            ),
+            "gme": _Lazy(
+                lambda: _need(
+                    metrics.gme_model,
+                    "no GME model folder configured (gme_model)",
+                    lambda p: learned.GmeEmbedder(p, metrics.device),
+                )
+            ),
             "judge": _Lazy(lambda: _build_judge(judge)),
-        }  # fmt: skip
+        }
 
     def groups(self) -> list[str]:
         return [g for g in _GROUP_ORDER if self.cfg.enabled(g)]
@@ -83,6 +98,12 @@ class Scorer:
     def score(self, video: SampleVideo) -> list[MetricResult]:
         results: list[MetricResult] = []
         groups = self.groups()
+        no_cv = _opencv_missing()
+        if no_cv:  # the weight-free metrics all need OpenCV
+            for g in ("flow", "continuity", "weightfree_quality"):
+                if g in groups and (g != "continuity" or video.switch_frames):
+                    results += [MetricResult.unavailable(k, no_cv) for k in METRIC_GROUPS[g]]
+            groups = [g for g in groups if g not in ("flow", "continuity", "weightfree_quality")]
         want_flow = "flow" in groups
         want_cont = "continuity" in groups and bool(video.switch_frames)
         if want_flow or want_cont:  # one optical-flow pass serves both groups
@@ -93,9 +114,10 @@ class Scorer:
                 continue
             if g == "weightfree_quality":
                 results += _guarded(
-                    METRIC_GROUPS[g], quality.WEIGHTFREE_MODEL,
+                    METRIC_GROUPS[g],
+                    quality.WEIGHTFREE_MODEL,
                     lambda: [quality.weightfree_quality(video, self.cfg.num_frames)],
-                )  # fmt: skip
+                )
             else:
                 results += self._learned(g, video)
         return results
@@ -131,6 +153,14 @@ _STATIC_MODEL = {
     "continuity": flow.MODEL,
     "weightfree_quality": quality.WEIGHTFREE_MODEL,
 }
+
+
+def _opencv_missing() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("cv2") is None:
+        return "OpenCV is not installed (pip install opencv-python-headless, or the eval extra)"
+    return None
 
 
 def _need(path, reason: str, build: Callable):

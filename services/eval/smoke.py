@@ -56,8 +56,20 @@ def draw_garment(seed: int, pattern: str, size: int = 224) -> Image.Image:
     img = Image.new("RGB", (size, size), (255, 255, 255))
     d = ImageDraw.Draw(img)
     s = size / 224
-    body = [(70, 40), (96, 30), (128, 30), (154, 40), (200, 80), (178, 108), (160, 94), (160, 200), (64, 200),
-            (64, 94), (46, 108), (24, 80)]
+    body = [
+        (70, 40),
+        (96, 30),
+        (128, 30),
+        (154, 40),
+        (200, 80),
+        (178, 108),
+        (160, 94),
+        (160, 200),
+        (64, 200),
+        (64, 94),
+        (46, 108),
+        (24, 80),
+    ]
     d.polygon([(x * s, y * s) for x, y in body], fill=base)
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).polygon([(x * s, y * s) for x, y in body], fill=255)
@@ -80,16 +92,36 @@ def draw_garment(seed: int, pattern: str, size: int = 224) -> Image.Image:
 
 
 SMOKE_SAMPLES = (
-    {"id": "smoke-short-stripes", "ref": 0, "garment": (1, "stripes"), "frames": 21,
-     "prompt": "A person stands in a room and slowly turns to the left, arms swinging naturally."},
-    {"id": "smoke-short-dots", "ref": 1, "garment": (2, "dots"), "frames": 21,
-     "prompt": "A person walks toward the camera with light steps, then stops and smiles."},
-    {"id": "smoke-interactive", "ref": 0, "garment": (3, "logo"), "frames": 33,
-     "switches": [(2, (4, "stripes"))],
-     "prompt": "A person sways gently in place, shifting weight from one foot to the other."},
-    {"id": "smoke-long", "ref": 2, "garment": (5, "plain"), "frames": 45,
-     "prompt": "A person walks forward along a path, the camera tracking backward smoothly."},
-)  # fmt: skip
+    {
+        "id": "smoke-short-stripes",
+        "ref": 0,
+        "garment": (1, "stripes"),
+        "frames": 21,
+        "prompt": "A person stands in a room and slowly turns to the left, arms swinging naturally.",
+    },
+    {
+        "id": "smoke-short-dots",
+        "ref": 1,
+        "garment": (2, "dots"),
+        "frames": 21,
+        "prompt": "A person walks toward the camera with light steps, then stops and smiles.",
+    },
+    {
+        "id": "smoke-interactive",
+        "ref": 0,
+        "garment": (3, "logo"),
+        "frames": 33,
+        "switches": [(2, (4, "stripes"))],
+        "prompt": "A person sways gently in place, shifting weight from one foot to the other.",
+    },
+    {
+        "id": "smoke-long",
+        "ref": 2,
+        "garment": (5, "plain"),
+        "frames": 45,
+        "prompt": "A person walks forward along a path, the camera tracking backward smoothly.",
+    },
+)
 
 
 def write_smoke_bench(out_dir: str | Path) -> Path:
@@ -109,8 +141,13 @@ def write_smoke_bench(out_dir: str | Path) -> Path:
         ref = save(f"reference-{spec['ref']}.png", draw_reference(spec["ref"]))
         gseed, gpat = spec["garment"]
         garment = save(f"garment-{gseed}-{gpat}.png", draw_garment(gseed, gpat))
-        entry = {"id": spec["id"], "reference": ref, "garment": garment, "prompt": spec["prompt"],
-                 "frames": spec["frames"]}
+        entry = {
+            "id": spec["id"],
+            "reference": ref,
+            "garment": garment,
+            "prompt": spec["prompt"],
+            "frames": spec["frames"],
+        }
         if "switches" in spec:
             entry["switches"] = [
                 {"chunk": chunk, "garment": save(f"garment-{s}-{p}.png", draw_garment(s, p))}

@@ -105,9 +105,17 @@ class QAlignScorer:
 
         folder = _local_folder(path, "Q-Align")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(
-            str(folder), trust_remote_code=True, local_files_only=True, torch_dtype=dtype, attn_implementation="eager"
-        ).to(device).eval()
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                str(folder),
+                trust_remote_code=True,
+                local_files_only=True,
+                torch_dtype=dtype,
+                attn_implementation="eager",
+            )
+            .to(device)
+            .eval()
+        )
         self.name = f"q-align ({folder.name})"
 
     def score_windows(self, windows: list[list[Image.Image]]) -> list[float]:
@@ -127,9 +135,11 @@ class GmeEmbedder:
 
         folder = _local_folder(path, "GME")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.model = AutoModel.from_pretrained(
-            str(folder), trust_remote_code=True, local_files_only=True, torch_dtype=dtype
-        ).to(device).eval()
+        self.model = (
+            AutoModel.from_pretrained(str(folder), trust_remote_code=True, local_files_only=True, torch_dtype=dtype)
+            .to(device)
+            .eval()
+        )
         self.name = f"gme ({folder.name})"
 
     def embed_text(self, text: str, instruction: str) -> np.ndarray:
