@@ -12,10 +12,11 @@ from ray.serve.config import RequestRouterConfig
 from services.decoder.service import DecoderService
 from services.encoder.service import EncoderService
 from services.generator.service import GeneratorService
+from services.jobs.worker import worker_deployment
 from services.studio.service import StudioService
 from shared.config import AppConfig
 
-DEPLOYMENTS = ("encoder", "decoder", "generator", "studio")
+DEPLOYMENTS = ("encoder", "decoder", "generator", "studio", "jobs")
 STUDIO_SERVICER = "fashionchameleon.v1.studio_pb2_grpc.add_StudioServicer_to_server"
 EVAL_SERVICER = "fashionchameleon.v1.eval_pb2_grpc.add_EvalServicer_to_server"
 EVAL_APP = "fashionchameleon-eval"
@@ -43,9 +44,10 @@ def build_app(config: AppConfig) -> serve.Application:
         GeneratorService, name="generator", request_router_config=sticky_router(), max_ongoing_requests=256,
         graceful_shutdown_timeout_s=60, **opts(s.generator_gpus, s.generator_replicas),
     ).bind(cj, decoder, encoder)
+    jobs = worker_deployment(config, config.jobs)  # batch clips: same engine path, full speed
     return serve.deployment(
         StudioService, name="studio", max_ongoing_requests=1024, **opts(0.0, s.studio_replicas)
-    ).bind(cj, generator, encoder)
+    ).bind(cj, generator, encoder, jobs)
 
 
 def build_eval_app(config: AppConfig, gpus: float = 0.0) -> serve.Application:

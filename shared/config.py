@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from shared.jobs.config import JobsConfig
 from shared.queue.config import RedisConfig
 from shared.runtime.pipeline import EngineConfig
 from shared.storage.config import StorageConfig
@@ -101,6 +102,7 @@ class AppConfig(_Frozen):
     auth: AuthConfig = AuthConfig()
     limits: LimitsConfig = LimitsConfig()
     serve: ServeConfig = ServeConfig()
+    jobs: JobsConfig = JobsConfig()
     mode: Literal["dev", "production"] = "dev"
 
     def to_json(self) -> str:

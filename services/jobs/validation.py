@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from fashionchameleon.v1 import studio_pb2
+
 from services.common.errors import InvalidArgument, ServiceError
 from services.studio.validation import ImageRef, Limits, parse_image, parse_prompt
 from shared.jobs.config import JobsConfig
@@ -60,12 +61,15 @@ def field_prefix(prefix: str, index: int | None = None) -> Iterator[None]:
         yield
     except ServiceError as e:
         metadata = dict(e.metadata)
-        if "field" in metadata:
+        if "field" in metadata:  # the message starts with the field path
             metadata["field"] = f"{prefix}.{metadata['field']}"
+            message = f"{prefix}.{e.message}"
+        else:
+            metadata["field"] = prefix
+            message = f"{prefix}: {e.message}"
         if index is not None:
             metadata.setdefault("index", str(index))
-        raise type(e)(f"{prefix}.{e.message}", reason=e.reason, metadata=metadata,
-                      retry_after_s=e.retry_after_s) from None
+        raise type(e)(message, reason=e.reason, metadata=metadata, retry_after_s=e.retry_after_s) from None
 
 
 def parse_submit_clips(

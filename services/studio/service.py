@@ -27,6 +27,7 @@ from services.common.errors import (
     as_service_error,
     unwrap_remote,
 )
+from services.jobs.api import JobsApi
 from services.studio.auth import ApiKeyAuth
 from services.studio.validation import (
     Limits,
@@ -70,9 +71,13 @@ def _ts(seconds: float) -> Timestamp:
     return ts
 
 
-class StudioService:
-    def __init__(self, config_json: str, generator, encoder):
+class StudioService(JobsApi):
+    """Interactive sessions here; batch clip jobs (SubmitClips, GetJob, ...) from `JobsApi`."""
+
+    def __init__(self, config_json: str, generator, encoder, jobs=None):
         self.config = AppConfig.from_json(config_json)
+        self.jobs_config = self.config.jobs
+        self.jobs_worker = jobs
         self.generator = generator
         self.encoder = encoder
         self.auth = ApiKeyAuth(self.config.auth.key_to_tenant())

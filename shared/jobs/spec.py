@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 from enum import StrEnum
 from typing import Any
@@ -75,7 +76,7 @@ class ClipSpec(BaseModel):
         indices = [g.chunk_index for g in self.garments]
         if indices[0] != 0:
             raise ValueError("the garment schedule must start at chunk 0")
-        if any(b <= a for a, b in zip(indices, indices[1:])):
+        if any(b <= a for a, b in itertools.pairwise(indices)):
             raise ValueError("garment schedule chunk indices must increase strictly")
         if indices[-1] >= self.chunks:
             raise ValueError(f"garment scheduled at chunk {indices[-1]} of a {self.chunks}-chunk clip")

@@ -223,9 +223,9 @@ class SessionKVCache:
     def valid_tokens(self) -> int:
         return self.spec.cond_tokens + self.slots.num_valid * self.spec.tokens_per_frame
 
-    def prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Un-rotated K, V of cond + valid frames: [B, valid_tokens, H, D] views."""
-        n = self.valid_tokens()
+    def prefix(self, layer: int, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-rotated K, V of cond + valid frames: [B, valid_tokens, H, D] views (or the first `tokens`)."""
+        n = self.valid_tokens() if tokens is None else tokens
         return self.k[layer, :, :n], self.v[layer, :, :n]
 
     def cond(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,10 +289,13 @@ class ChunkAttention:
         self.query_positions = query_pos
         self.k_cos, self.k_sin = rope.cos_sin(self.key_positions)
         self.q_cos, self.q_sin = rope.cos_sin(query_pos)
+        # The prefix the positions describe. Frozen here so that a recomputed forward (activation
+        # checkpointing in training rollouts) reads the same keys after later chunks were appended.
+        self.prefix_tokens = cache.valid_tokens()
         self.write = write
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ck, cv = self.cache.prefix(layer)  # [B, Lc, H, D]
+        ck, cv = self.cache.prefix(layer, self.prefix_tokens)  # [B, Lc, H, D]
         keys = apply_rope(torch.cat([ck, k.to(ck.dtype)], dim=1), self.k_cos, self.k_sin)
         values = torch.cat([cv, v.to(cv.dtype)], dim=1)
         out = attention(apply_rope(q, self.q_cos, self.q_sin), keys.to(q.dtype), values.to(q.dtype))

@@ -58,12 +58,14 @@ def test_serve_config_overrides_apply_to_the_built_application(scenario, monkeyp
             assert info.replica_config.ray_actor_options["num_gpus"] == dep["ray_actor_options"]["num_gpus"]
             assert cfg.max_ongoing_requests == dep["max_ongoing_requests"]
             assert cfg.graceful_shutdown_timeout_s == dep["graceful_shutdown_timeout_s"]
-            if dep["num_replicas"] == "auto":
+            if dep.get("num_replicas") == "auto":
                 assert cfg.num_replicas is None
                 assert cfg.autoscaling_config.min_replicas == dep["autoscaling_config"]["min_replicas"]
                 assert cfg.autoscaling_config.max_replicas == dep["autoscaling_config"]["max_replicas"]
             elif "num_replicas" in dep:
                 assert cfg.num_replicas == dep["num_replicas"] and cfg.autoscaling_config is None
+            else:  # no count in the chart: the code's own policy (the jobs workers scale on queue depth)
+                assert cfg.autoscaling_config is not None
         # What the chart does not override keeps the code's value: sessions stay sticky.
         for name in ("generator", "decoder"):
             assert merged[name].deployment_config.request_router_config.request_router_class == STICKY_ROUTER

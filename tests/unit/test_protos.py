@@ -55,6 +55,11 @@ def test_studio_rpcs_and_streaming() -> None:
         "UpdatePrompt": (False, False),
         "CloseSession": (False, False),
         "GetSession": (False, False),
+        "SubmitClips": (False, False),
+        "GetJob": (False, False),
+        "ListJobs": (False, False),
+        "CancelJob": (False, False),
+        "WatchJobs": (False, True),
     }
     methods = service.methods_by_name
     assert methods["CreateSession"].output_type.name == "Session"

@@ -2,10 +2,11 @@ import datetime
 
 from fashionchameleon.v1 import common_pb2 as _common_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -189,3 +190,197 @@ class GetSessionRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ClipImage(_message.Message):
+    __slots__ = ("image", "shared_index")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    image: _common_pb2.ImageInput
+    shared_index: int
+    def __init__(self, image: _Optional[_Union[_common_pb2.ImageInput, _Mapping]] = ..., shared_index: _Optional[int] = ...) -> None: ...
+
+class GarmentAt(_message.Message):
+    __slots__ = ("chunk_index", "garment")
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GARMENT_FIELD_NUMBER: _ClassVar[int]
+    chunk_index: int
+    garment: ClipImage
+    def __init__(self, chunk_index: _Optional[int] = ..., garment: _Optional[_Union[ClipImage, _Mapping]] = ...) -> None: ...
+
+class ClipSpec(_message.Message):
+    __slots__ = ("reference", "garments", "prompt", "chunks", "seed", "idempotency_key", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    GARMENTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    reference: ClipImage
+    garments: _containers.RepeatedCompositeFieldContainer[GarmentAt]
+    prompt: str
+    chunks: int
+    seed: int
+    idempotency_key: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, reference: _Optional[_Union[ClipImage, _Mapping]] = ..., garments: _Optional[_Iterable[_Union[GarmentAt, _Mapping]]] = ..., prompt: _Optional[str] = ..., chunks: _Optional[int] = ..., seed: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SubmitClipsRequest(_message.Message):
+    __slots__ = ("clips", "shared_images")
+    CLIPS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    clips: _containers.RepeatedCompositeFieldContainer[ClipSpec]
+    shared_images: _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageInput]
+    def __init__(self, clips: _Optional[_Iterable[_Union[ClipSpec, _Mapping]]] = ..., shared_images: _Optional[_Iterable[_Union[_common_pb2.ImageInput, _Mapping]]] = ...) -> None: ...
+
+class SubmitClipsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class JobResult(_message.Message):
+    __slots__ = ("video_key", "manifest_key", "poster_key", "video_url", "manifest_url", "poster_url", "urls_expire_at", "video_bytes", "frames", "fps", "width", "height")
+    VIDEO_KEY_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_KEY_FIELD_NUMBER: _ClassVar[int]
+    POSTER_KEY_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_URL_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_URL_FIELD_NUMBER: _ClassVar[int]
+    POSTER_URL_FIELD_NUMBER: _ClassVar[int]
+    URLS_EXPIRE_AT_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    video_key: str
+    manifest_key: str
+    poster_key: str
+    video_url: str
+    manifest_url: str
+    poster_url: str
+    urls_expire_at: _timestamp_pb2.Timestamp
+    video_bytes: int
+    frames: int
+    fps: float
+    width: int
+    height: int
+    def __init__(self, video_key: _Optional[str] = ..., manifest_key: _Optional[str] = ..., poster_key: _Optional[str] = ..., video_url: _Optional[str] = ..., manifest_url: _Optional[str] = ..., poster_url: _Optional[str] = ..., urls_expire_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., video_bytes: _Optional[int] = ..., frames: _Optional[int] = ..., fps: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "tenant", "state", "idempotency_key", "created", "created_at", "updated_at", "started_at", "finished_at", "attempts", "max_attempts", "chunks_done", "chunks_total", "seed", "prompt", "labels", "error_message", "next_attempt_at", "result")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Job.State]
+        QUEUED: _ClassVar[Job.State]
+        RUNNING: _ClassVar[Job.State]
+        RETRYING: _ClassVar[Job.State]
+        CANCELLING: _ClassVar[Job.State]
+        SUCCEEDED: _ClassVar[Job.State]
+        FAILED: _ClassVar[Job.State]
+        CANCELLED: _ClassVar[Job.State]
+    STATE_UNSPECIFIED: Job.State
+    QUEUED: Job.State
+    RUNNING: Job.State
+    RETRYING: Job.State
+    CANCELLING: Job.State
+    SUCCEEDED: Job.State
+    FAILED: Job.State
+    CANCELLED: Job.State
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    tenant: str
+    state: Job.State
+    idempotency_key: str
+    created: bool
+    created_at: _timestamp_pb2.Timestamp
+    updated_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    attempts: int
+    max_attempts: int
+    chunks_done: int
+    chunks_total: int
+    seed: int
+    prompt: str
+    labels: _containers.ScalarMap[str, str]
+    error_message: str
+    next_attempt_at: _timestamp_pb2.Timestamp
+    result: JobResult
+    def __init__(self, job_id: _Optional[str] = ..., tenant: _Optional[str] = ..., state: _Optional[_Union[Job.State, str]] = ..., idempotency_key: _Optional[str] = ..., created: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ..., chunks_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., seed: _Optional[int] = ..., prompt: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., error_message: _Optional[str] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[JobResult, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "states")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    states: _containers.RepeatedScalarFieldContainer[Job.State]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[Job.State, str]]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class WatchJobsRequest(_message.Message):
+    __slots__ = ("job_ids",)
+    JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("job", "event_id")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    event_id: str
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., event_id: _Optional[str] = ...) -> None: ...

@@ -65,6 +65,31 @@ class StudioStub:
                 request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.GetSessionRequest.SerializeToString,
                 response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.Session.FromString,
                 _registered_method=True)
+        self.SubmitClips = channel.unary_unary(
+                '/fashionchameleon.v1.Studio/SubmitClips',
+                request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.SubmitClipsRequest.SerializeToString,
+                response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.SubmitClipsResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/fashionchameleon.v1.Studio/GetJob',
+                request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/fashionchameleon.v1.Studio/ListJobs',
+                request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/fashionchameleon.v1.Studio/CancelJob',
+                request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJobs = channel.unary_stream(
+                '/fashionchameleon.v1.Studio/WatchJobs',
+                request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.WatchJobsRequest.SerializeToString,
+                response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.JobEvent.FromString,
+                _registered_method=True)
 
 
 class StudioServicer:
@@ -122,6 +147,50 @@ class StudioServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitClips(self, request, context):
+        """Queues a batch of clips, all or nothing: if any clip is invalid (or reuses an
+        idempotency key with a different spec) the call fails and no job is created; the error
+        names the clip (ErrorInfo metadata "index", "field"). A clip whose idempotency key this
+        tenant already submitted returns the existing job (Job.created = false) instead of a new one.
+        Errors: INVALID_ARGUMENT, NOT_FOUND (catalog item / object), ALREADY_EXISTS (idempotency key
+        reused with a different spec).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Returns a job; a SUCCEEDED job carries presigned download URLs of its results.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Lists the tenant's jobs, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a job. QUEUED / RETRYING jobs become CANCELLED at once; a RUNNING job becomes
+        CANCELLING and stops at its next chunk boundary (CANCELLED), unless it finishes first
+        (SUCCEEDED). Cancelling a finished job succeeds and returns it unchanged (idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJobs(self, request, context):
+        """Streams job changes (state, attempts, progress) of the given jobs, or of all the tenant's
+        jobs when job_ids is empty. With job_ids the current state of each job is sent first and
+        the stream ends once all of them are in a final state; without, it runs until cancelled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StudioServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +223,31 @@ def add_StudioServicer_to_server(servicer, server):
                     servicer.GetSession,
                     request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.GetSessionRequest.FromString,
                     response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.Session.SerializeToString,
+            ),
+            'SubmitClips': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitClips,
+                    request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.SubmitClipsRequest.FromString,
+                    response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.SubmitClipsResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.GetJobRequest.FromString,
+                    response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.ListJobsRequest.FromString,
+                    response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.CancelJobRequest.FromString,
+                    response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.Job.SerializeToString,
+            ),
+            'WatchJobs': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJobs,
+                    request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.WatchJobsRequest.FromString,
+                    response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.JobEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -319,6 +413,141 @@ class Studio:
             '/fashionchameleon.v1.Studio/GetSession',
             fashionchameleon_dot_v1_dot_studio__pb2.GetSessionRequest.SerializeToString,
             fashionchameleon_dot_v1_dot_studio__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitClips(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashionchameleon.v1.Studio/SubmitClips',
+            fashionchameleon_dot_v1_dot_studio__pb2.SubmitClipsRequest.SerializeToString,
+            fashionchameleon_dot_v1_dot_studio__pb2.SubmitClipsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashionchameleon.v1.Studio/GetJob',
+            fashionchameleon_dot_v1_dot_studio__pb2.GetJobRequest.SerializeToString,
+            fashionchameleon_dot_v1_dot_studio__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashionchameleon.v1.Studio/ListJobs',
+            fashionchameleon_dot_v1_dot_studio__pb2.ListJobsRequest.SerializeToString,
+            fashionchameleon_dot_v1_dot_studio__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashionchameleon.v1.Studio/CancelJob',
+            fashionchameleon_dot_v1_dot_studio__pb2.CancelJobRequest.SerializeToString,
+            fashionchameleon_dot_v1_dot_studio__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fashionchameleon.v1.Studio/WatchJobs',
+            fashionchameleon_dot_v1_dot_studio__pb2.WatchJobsRequest.SerializeToString,
+            fashionchameleon_dot_v1_dot_studio__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,208 @@
+"""`fashionchameleon train`: preprocess data, run the three training stages, export checkpoints.
+
+    fashionchameleon train preprocess --manifest data.jsonl --out data/ [--recipe tiny]
+    fashionchameleon train teacher --recipe tiny --data data/ --run-dir runs/teacher
+    fashionchameleon train export --from runs/teacher --out checkpoints/teacher
+    fashionchameleon train teacher-forcing --recipe tiny --data data/ --set model.checkpoint=checkpoints/teacher ...
+    fashionchameleon train dmd --recipe tiny --data data/ --set generator.checkpoint=... --set score.checkpoint=...
+    fashionchameleon train recipe --recipe wan2.2-ti2v-5b --gpus 8     (the recipe and its memory plan)
+
+Several GPUs: `torchrun --nproc-per-node 8 -m services.cli train teacher --recipe wan2.2-ti2v-5b ...`
+(torchrun's RANK / WORLD_SIZE / LOCAL_RANK are read here, at the edge). A run folder that
+already holds a checkpoint resumes from it. Prints one JSON summary on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from .common import CliError, check_output_folder, print_json
+
+STAGE_COMMANDS = {"teacher": "teacher", "teacher-forcing": "teacher_forcing", "dmd": "dmd"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="training: preprocess, teacher, teacher-forcing, dmd, export",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="train_command", required=True, metavar="STEP", parser_class=type(p))
+
+    for command, stage in STAGE_COMMANDS.items():
+        s = sub.add_parser(command, help=f"train the {command} stage")
+        _recipe_arguments(s)
+        s.add_argument("--data", metavar="DIR_OR_URL", help="preprocessed dataset (sets data.root)")
+        s.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<recipe>/<stage>)")
+        s.add_argument("--max-steps", type=int, metavar="N", help="stop after step N (default: the recipe's)")
+        s.set_defaults(run=run_stage, stage=stage)
+
+    e = sub.add_parser("export", help="write a servable checkpoint folder from a training save")
+    e.add_argument("--from", dest="source", required=True, metavar="DIR", help="run folder (latest save) or step folder")
+    e.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
+    e.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    e.set_defaults(run=run_export)
+
+    pre = sub.add_parser("preprocess", help="encode raw samples into latent shards")
+    src = pre.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", metavar="JSONL", help="raw samples (see training/README.md)")
+    src.add_argument("--synthetic", type=int, metavar="N", help="N synthetic samples (smoke tests)")
+    _recipe_arguments(pre)
+    pre.add_argument("--out", required=True, metavar="DIR", help="dataset folder to create")
+    pre.add_argument("--max-pixel-frames", type=int, default=81, help="clip length cap (default: 81)")
+    pre.add_argument("--samples-per-shard", type=int, default=64)
+    pre.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    pre.add_argument("--upload", metavar="URL", help="also upload to an object store (s3://bucket/prefix?endpoint=...)")
+    pre.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    pre.set_defaults(run=run_preprocess)
+
+    r = sub.add_parser("recipe", help="print a recipe (resolved) and its per-GPU memory plan")
+    _recipe_arguments(r)
+    r.add_argument("--gpus", type=int, default=8, help="GPUs for the memory plan (default: 8)")
+    r.set_defaults(run=run_recipe)
+
+
+def _recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", default="tiny", metavar="NAME_OR_JSON", help="recipe name, JSON file or JSON object")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the stage (e.g. run.max_steps=10); repeatable")
+
+
+def _load_recipe(args: argparse.Namespace, stage: str | None):
+    from training.config import load_recipe, parse_override
+
+    try:
+        overrides = {}
+        for item in args.set:
+            key, value = parse_override(item)
+            overrides[f"{stage}.{key}" if stage else key] = value
+        if stage and getattr(args, "data", None):
+            overrides[f"{stage}.data.root"] = args.data
+        return load_recipe(args.recipe, overrides)
+    except (KeyError, ValueError) as e:
+        raise CliError(f"recipe: {e.args[0] if isinstance(e, KeyError) else e}") from None
+
+
+def _dist_from_env() -> tuple[int, int, int]:
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+
+
+def _credentials() -> tuple[str, str] | None:
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return (access, secret) if access and secret else None
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    from training.parallel import init_distributed, shutdown
+    from training.trainer import make_run
+
+    recipe = _load_recipe(args, args.stage)
+    stage = recipe.stage(args.stage)
+    if stage.data.root is None:
+        raise CliError(f"no dataset: pass --data or set {args.stage}.data.root in the recipe")
+    run_dir = Path(args.run_dir or f"runs/{recipe.name}/{args.stage}")
+    rank, world, local = _dist_from_env()
+    info = init_distributed(stage.run.device, rank, world, local)
+    start = time.perf_counter()
+    try:
+        run = make_run(recipe, args.stage, run_dir, info, _credentials())
+        first = run.step
+        history = run.run(args.max_steps)
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        shutdown()
+    if info.is_main:
+        print_json({
+            "stage": args.stage,
+            "recipe": recipe.name,
+            "run_dir": str(run_dir),
+            "resumed_from": first,
+            "step": run.step,
+            "world_size": world,
+            "last": history[-1] if history else None,
+            "seconds": round(time.perf_counter() - start, 3),
+        })
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    out = check_output_folder(args.out, args.force)
+    try:
+        summary = export(args.source, out)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    print_json(summary)
+    return 0
+
+
+def run_preprocess(args: argparse.Namespace) -> int:
+    from training.data.preprocess import preprocess, read_manifest, upload_dataset
+    from training.data.synthetic import synthetic_samples
+    from training.models import load_components
+
+    recipe = _load_recipe(args, None)
+    source = recipe.teacher.model
+    out = check_output_folder(args.out, args.force)
+    components = load_components(source, frozenset({"vae", "text_encoder"}))
+    st = components.preset.streaming
+    if args.manifest is not None:
+        if not Path(args.manifest).is_file():
+            raise CliError(f"manifest {args.manifest} does not exist")
+        samples = read_manifest(args.manifest)
+    else:
+        samples = synthetic_samples(args.synthetic, st.height, st.width, pixel_frames=args.max_pixel_frames)
+    start = time.perf_counter()
+    try:
+        index = preprocess(samples, components, out, max_pixel_frames=args.max_pixel_frames,
+                           samples_per_shard=args.samples_per_shard, dtype=args.dtype)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    uploaded = 0
+    if args.upload:
+        from shared.storage.config import StorageConfig, open_store
+
+        creds = _credentials() or (None, None)
+        store = open_store(StorageConfig.from_url(args.upload, access_key=creds[0], secret_key=creds[1]))
+        uploaded = upload_dataset(out, store, "")
+    print_json({"path": str(out), "samples": index.num_samples, "shards": len(index.shards),
+                "uploaded_objects": uploaded, "seconds": round(time.perf_counter() - start, 3)})
+    return 0
+
+
+def run_recipe(args: argparse.Namespace) -> int:
+    from training.memory import memory_plan
+    from training.models import source_preset
+
+    recipe = _load_recipe(args, None)
+    preset = source_preset(recipe.teacher.model.model_copy(update={"checkpoint": None}))
+    plans = {}
+    for stage in ("teacher", "teacher_forcing", "dmd"):
+        frames = recipe.stage(stage).data.latent_frames
+        plans[stage] = memory_plan(preset, stage, args.gpus, frames, recipe.stage(stage).data.batch_size).model_dump()
+    print_json({"recipe": recipe.model_dump(mode="json"), "memory_plan": plans})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m services.cli.train STEP ...`: the `train` command on its own (e.g. under torchrun)."""
+    import sys
+
+    from .common import USAGE_ERROR, Parser, quiet_libraries
+
+    parser = Parser(prog="fashionchameleon")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    try:
+        args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+        quiet_libraries()
+        return args.run(args)
+    except CliError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Training data: preprocessing into latent shards (`preprocess`) and streaming them (`dataset`)."""
