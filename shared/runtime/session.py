@@ -180,19 +180,18 @@ class StreamingSession:
         noises = chunk_noises(
             self.seed, self.chunk_index, self.chunk_shape, self.sampler.num_steps, self.device, self.dtype
         )
-        plan = cache.slots.plan_append(n)
         denoise_hook = ChunkAttention(cache, self.rope, st.rope_policy, n)
+        if st.context_pass:
+            x0 = self.sampler.sample(lambda x, t, step: self._forward(x, t, denoise_hook), noises)
+            self.append_clean(x0)  # the clean context pass writes the chunk's KV
+            return x0
+        # Experiment without the context pass: the last denoising step's (noisy) KV is kept.
+        plan = cache.slots.plan_append(n)
         write_hook = ChunkAttention(cache, self.rope, st.rope_policy, n, write=plan)
         last = self.sampler.num_steps - 1
-
-        def flow(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
-            # Without the context pass (a performance experiment) the last step's KV is kept.
-            hook = write_hook if (not st.context_pass and step == last) else denoise_hook
-            return self._forward(x, t, hook)
-
-        x0 = self.sampler.sample(flow, noises)
-        if st.context_pass:
-            self._forward(x0, 0.0, write_hook)
+        x0 = self.sampler.sample(
+            lambda x, t, step: self._forward(x, t, write_hook if step == last else denoise_hook), noises
+        )
         cache.slots.commit(plan)
         self.chunk_index += 1
         return x0
