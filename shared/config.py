@@ -60,7 +60,8 @@ class GeneratorConfig(_Frozen):
     reaper_interval_s: float = Field(default=2.0, gt=0)
     open_attempts: int = Field(default=3, ge=1)  # studio re-hashes to another replica when one is full
     drain_timeout_s: float = Field(default=50.0, ge=0)  # keep below Serve's graceful_shutdown_timeout_s
-    save_clips: bool = True  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
+    save_clips: bool = True
+    recovery: bool = True  # persist session state so another replica rebuilds a session whose replica died  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
 
 
 class AuthConfig(_Frozen):

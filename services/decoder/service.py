@@ -38,6 +38,7 @@ class _DecodeSession:
     init_segment: bytes = b""
     last_frame: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
     clip: object | None = None  # temporary file collecting the session's fMP4 pieces
+    frame_offset: int = 0  # pixel frames of the stream before this decode stream started
 
 
 class DecoderService:
@@ -60,7 +61,10 @@ class DecoderService:
             muxer = FragmentedMp4Muxer(st.width, st.height, fps=fps, crf=crf, preset=req.encode.encoder_preset or "veryfast")
             if session is not None and session.clip is not None:
                 session.clip.close()
-            session = _DecodeSession(StreamingDecoder(self.engine.vae), muxer, req.chunk_index, req.chunk_index)
+            session = _DecodeSession(
+                StreamingDecoder(self.engine.vae), muxer, req.chunk_index, req.chunk_index,
+                frame_offset=req.first_frame_index,
+            )
             if self.store is not None:
                 session.clip = tempfile.TemporaryFile(prefix="fc-clip-")
             self.sessions[req.session_id] = session
@@ -88,7 +92,7 @@ class DecoderService:
             chunk_index=req.chunk_index,
             fmp4=piece,
             num_frames=frames.shape[0],
-            first_frame_index=session.decoder.frames_decoded - frames.shape[0],
+            first_frame_index=session.frame_offset + session.decoder.frames_decoded - frames.shape[0],
             init_segment=init,
             mime_type=session.muxer.mime_type,
             width=st.width,

@@ -29,11 +29,14 @@ import torch
 from fashionchameleon.v1 import common_pb2, decoder_pb2, encoder_pb2, generator_pb2
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, unwrap_remote
 from services.common.model import load_engine
-from services.common.tensors import pad_text_embedding, tensor_from_proto, tensor_to_proto
+from services.common.tensors import pad_text_embedding, tensor_from_proto, tensor_to_proto, trim_text_embedding
 from shared.config import AppConfig
 from shared.queue import CommandType, SessionRegistry, SessionState
+from shared.queue.sessions import LeaseHeld, LeaseLost
+from shared.queue.streams import SessionClosed, SessionNotFound
 from shared.queue.config import connect
 from shared.runtime.kv_cache import KVCacheSpec
+from shared.runtime.session import SessionState as EngineState
 from shared.runtime.session import StreamingSession, SwitchOptions
 from shared.telemetry import HealthState, Metrics
 
@@ -76,6 +79,10 @@ class SessionRunner:
     _prompt_applied: bool = False
     _last_publish: float | None = None
     _paused: bool = False
+    control_start: str = "0-0"  # where this runner starts reading commands (a rebuilt session resumes)
+    restart_decode: bool = False  # a rebuilt session starts a new decode stream at its first chunk
+    frame_offset: int = 0  # pixel frames published before this runner took over
+    lease_lost: bool = False  # another replica took the session over: leave its records alone
 
     # ---- control ---------------------------------------------------------------------
     async def _apply(self, cmd, pending: _Pending | None) -> _Pending | None:
@@ -99,6 +106,7 @@ class SessionRunner:
                 await asyncio.to_thread(self.session.switch_garment, garment, new_ref, options)
             self.garment_id = p.get("garment_id", self.garment_id)
             self._switch_applied = True
+            await svc.persist(self)
             if cmd.issued_at:
                 svc.metrics.garment_switch_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         elif cmd.type == CommandType.UPDATE_PROMPT:
@@ -106,6 +114,7 @@ class SessionRunner:
             self.session.set_prompt(embedding, cmd.payload["prompt"])
             self.prompt_revision = int(cmd.payload.get("revision", self.prompt_revision + 1))
             self._prompt_applied = True
+            await svc.persist(self)
             if cmd.issued_at:
                 svc.metrics.prompt_update_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         return pending
@@ -126,6 +135,11 @@ class SessionRunner:
             resp = await svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(pending.request)
         if resp.init_segment:
             await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
+        if resp.last_frame_png:  # what a rebuilt session continues from
+            key = svc.recovery_key(self.session_id, "last")
+            await svc.redis.hset(key, mapping={"chunk": pending.index, "png": resp.last_frame_png,
+                                               "frames": resp.first_frame_index + resp.num_frames})
+            await svc.redis.expire(key, svc.recovery_ttl_s)
         meta = {
             **pending.meta,
             "num_frames": resp.num_frames,
@@ -171,7 +185,7 @@ class SessionRunner:
     async def run(self) -> None:
         svc = self.service
         cfg = svc.config.generator
-        control = svc.registry.control(self.session_id)
+        control = svc.registry.control(self.session_id, start_id=self.control_start)
         pending: _Pending | None = None
         try:
             while True:
@@ -220,19 +234,23 @@ class SessionRunner:
                     await self._publish(pending)  # chunk k-1 was decoded while chunk k was generated
                     pending = None
                 request = decoder_pb2.DecodeChunkRequest(
-                    session_id=self.session_id, chunk_index=k, latents=tensor_to_proto(latents.cpu()), reset=k == 0
+                    session_id=self.session_id, chunk_index=k, latents=tensor_to_proto(latents.cpu()),
+                    reset=k == 0 or self.restart_decode, first_frame_index=self.frame_offset,
+                    return_last_frame_png=svc.config.generator.recovery,
                 )
+                self.restart_decode = False
                 response = svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(request)
                 pending = _Pending(k, response, meta, started, request)
         except asyncio.CancelledError:
-            self.end_reason = "closed"
+            if not self.lease_lost:
+                self.end_reason = "closed"
         except Exception as exc:  # noqa: BLE001 - the session fails, the replica keeps serving
             log.exception("session %s failed", self.session_id)
             self.end_reason = "failed"
             with contextlib.suppress(Exception):
                 await svc.registry.set_state(self.session_id, SessionState.FAILED, reason=str(exc)[:200])
         finally:
-            if pending is not None and self.end_reason != "failed":
+            if pending is not None and self.end_reason != "failed" and not self.lease_lost:
                 with contextlib.suppress(Exception):
                     await self._publish(pending)
             await svc.finish(self)
@@ -280,16 +298,90 @@ class GeneratorService:
     def init_key(self, session_id: str) -> str:
         return f"{self.config.redis.namespace}:session:{{{session_id}}}:init"
 
+    def recovery_key(self, session_id: str, what: str) -> str:
+        return f"{self.config.redis.namespace}:session:{{{session_id}}}:recovery:{what}"
+
+    @property
+    def recovery_ttl_s(self) -> int:
+        return int(self.config.redis.session_idle_ttl_s + self.config.redis.terminal_retention_s + 60)
+
+    async def persist(self, runner: "SessionRunner") -> None:
+        """Save what rebuilding the session elsewhere needs (latents, prompt, seed, options):
+        a few latent frames, written at open and after each switch or prompt update."""
+        if not self.config.generator.recovery:
+            return
+        s = runner.session
+        text, _ = trim_text_embedding(s.text_raw.cpu())
+        state = s.state()
+        state.text = text
+        state.extra = {
+            "tenant": runner.tenant, "garment_id": runner.garment_id, "prompt_revision": runner.prompt_revision,
+            "max_chunks": runner.max_chunks, "options": runner.options.__dict__,
+        }
+        await self.redis.set(self.recovery_key(runner.session_id, "state"), state.to_bytes(), ex=self.recovery_ttl_s)
+
+    async def _recover(self, session_id: str) -> None:
+        """Rebuild an orphaned session (its replica died) here: the last published frame becomes
+        the reference, like a switch with withdraw + disentangle, and the stream goes on at the
+        next chunk index with the same noise schedule."""
+        cap = self.capacity()
+        if self.health.draining or cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+            return
+        try:
+            await self.registry.claim(session_id, self.replica_id)
+        except (LeaseHeld, SessionNotFound, SessionClosed):
+            return  # another replica was faster, or the session ended
+        blob = await self.redis.get(self.recovery_key(session_id, "state"))
+        if blob is None:
+            await self.registry.set_state(session_id, SessionState.FAILED, reason="replica lost; no saved state")
+            return
+        saved = EngineState.from_bytes(blob)
+        last = await self.redis.hgetall(self.recovery_key(session_id, "last"))
+        reference, next_chunk, frames = saved.reference, 0, 0
+        if last:
+            req = encoder_pb2.EncodeImageRequest(
+                image=common_pb2.ImageInput(data=last[b"png"]), kind=encoder_pb2.IMAGE_KIND_FRAME
+            )
+            reference = tensor_from_proto((await self.encoder.EncodeImage.remote(req)).latent)
+            next_chunk, frames = int(last[b"chunk"]) + 1, int(last[b"frames"])
+        session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
+                                   rope=self.engine.rope)
+        text = pad_text_embedding(saved.text, self.text_max_length)
+        async with self.compute():
+            await asyncio.to_thread(session.open, reference, saved.garment, text, saved.seed, next_chunk, saved.prompt)
+        extra = saved.extra
+        runner = SessionRunner(
+            self, session_id, extra["tenant"], session, extra["garment_id"], SwitchOptions(**extra["options"]),
+            max_chunks=int(extra["max_chunks"]), prompt_revision=int(extra["prompt_revision"]),
+            control_start=await self.registry.control(session_id).last_acked_id(),
+            restart_decode=True, frame_offset=frames,
+        )
+        self.runners[session_id] = runner
+        self._gauge_sessions()
+        self.metrics.sessions_opened_total.inc()
+        log.warning("session %s rebuilt on %s at chunk %d", session_id, self.replica_id, next_chunk)
+        runner.task = asyncio.create_task(runner.run())
+
     async def _maintain(self) -> None:
         """Renew this replica's leases, reap idle sessions (any replica may reap any session) and
         refresh the gauges (Ray stops exporting a gauge that is not set again)."""
         cfg = self.config.generator
         while True:
             self._gauge_sessions()
-            with contextlib.suppress(Exception):
-                for sid in list(self.runners):
+            for sid, runner in list(self.runners.items()):
+                try:
                     await self.registry.renew(sid, self.replica_id)
+                except LeaseLost:  # taken over or finished elsewhere: stop serving it here
+                    runner.lease_lost = True
+                    runner.task.cancel()
+                except Exception:  # noqa: BLE001 - Redis hiccup: try again next tick
+                    pass
+            with contextlib.suppress(Exception):
                 await self.registry.reap_expired()
+            if self.config.generator.recovery:
+                with contextlib.suppress(Exception):
+                    for sid in await self.registry.orphaned():
+                        await self._recover(sid)
             await asyncio.sleep(min(cfg.reaper_interval_s, self.config.redis.session_lease_s / 3))
 
     async def encode_garment(self, object_key: str) -> torch.Tensor:
@@ -369,6 +461,7 @@ class GeneratorService:
         await self.registry.set_state(
             sid, SessionState.ACTIVE, width=st.width, height=st.height, fps=st.fps, preset=self.engine.preset.name
         )
+        await self.persist(runner)
         runner.task = asyncio.create_task(runner.run())
         return generator_pb2.GeneratorOpenSessionResponse(
             session_id=sid, replica_id=self.replica_id, next_chunk_index=0,
@@ -380,6 +473,8 @@ class GeneratorService:
         runner.session.close()
         self.runners.pop(runner.session_id, None)
         self._gauge_sessions()
+        if runner.lease_lost:
+            return  # the session lives on elsewhere: its records and decode state are not ours
         reason = runner.end_reason if runner.end_reason in ("failed", "expired") else "closed"
         self.metrics.sessions_closed_total.inc(tags={"reason": reason})
         save_key = f"clips/{runner.tenant}/{runner.session_id}.mp4" if self.config.generator.save_clips else None

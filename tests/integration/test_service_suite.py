@@ -61,7 +61,7 @@ def suite():
     spec = KVCacheSpec.from_preset(get_preset("tiny"), __import__("torch").float32)
     config = AppConfig(
         model=ModelConfig(preset="tiny"),
-        redis=RedisConfig(url=redis_url, namespace="suite"),
+        redis=RedisConfig(url=redis_url, namespace="suite", session_lease_s=3.0),
         storage=StorageConfig(
             backend="s3",
             s3=S3StoreConfig(endpoint=endpoint, secure=False, bucket="fashionchameleon", access_key=access,
@@ -336,3 +336,22 @@ def test_demo_command_against_the_running_suite(suite, tmp_path, capsys):
     assert summary["chunks"] == 6 and summary["mp4_frames"] == 9 + 12 * 5
     assert [s["after_chunk"] for s in summary["switches"]] == [1, 3]
     assert summary["time_to_first_chunk_seconds"] > 0
+
+
+def test_session_survives_a_killed_generator_replica(suite, client):
+    """Kill the generator replica mid-stream: Serve starts a new one, which claims the orphaned
+    session (its lease expired), rebuilds it from the saved state and the last published frame,
+    and the client's stream goes on with the next chunk index: no gap, no duplicate. Runs last:
+    it kills the module's generator."""
+    s = client.create_session(png(90), png(91), "a person", options={"max_chunks": 10})
+    got, killed = [], False
+    for chunk in client.stream(s.session_id):
+        if chunk.end_of_stream:
+            break
+        got.append(chunk.index)
+        if chunk.index == 1 and not killed:
+            (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True) if "generator" in a["name"]]
+            ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+            killed = True
+    assert got == list(range(10))
+    assert client.get_session(s.session_id).chunks_generated == 10
