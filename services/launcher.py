@@ -27,44 +27,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RedisUnavailable(RuntimeError):
+    """No `redis-server` binary on this machine."""
+
+
 @dataclass
 class LocalRedis:
     url: str
     process: subprocess.Popen
     workdir: Path
+    owns_workdir: bool = False
 
     def stop(self) -> None:
+        """Idempotent: terminate (then kill) the server; remove a work folder we created."""
         if self.process.poll() is None:
             self.process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(5)
-            if self.process.poll() is None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
                 self.process.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+                self.process.wait()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_redis_server(binary: str = "redis-server", timeout_s: float = 10.0) -> LocalRedis:
-    """A throwaway redis-server on a free loopback port (no persistence)."""
-    exe = shutil.which(binary)
-    if exe is None:
-        raise RuntimeError("redis-server not found: install Redis or pass --redis-url")
-    workdir = Path(tempfile.mkdtemp(prefix="fc-redis-"))
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            if s.recv(16).startswith(b"+PONG"):
-                return LocalRedis(f"redis://127.0.0.1:{port}/0", proc, workdir)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError(f"redis-server did not start on port {port}")
+def find_redis_server() -> str:
+    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None)
+    if found is None:
+        raise RedisUnavailable("redis-server not found: install Redis or pass --redis-url")
+    return found
+
+
+def _ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis_server(
+    workdir: str | Path | None = None, *, extra_args: tuple[str, ...] = (), timeout_s: float = 10.0, attempts: int = 3
+) -> LocalRedis:
+    """A throwaway redis-server on a free loopback port, no persistence, log in `workdir`
+    (a temporary folder when None). Retries another port if the chosen one was taken."""
+    binary = find_redis_server()
+    owns = workdir is None
+    folder = Path(tempfile.mkdtemp(prefix="fc-redis-")) if owns else Path(workdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    last_log = ""
+    for _ in range(attempts):
+        port = free_port()
+        log_path = folder / f"redis-{port}.log"
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(folder), "--logfile", str(log_path), *extra_args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        redis = LocalRedis(f"redis://127.0.0.1:{port}/0", proc, folder, owns)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _ping(port):
+                return redis
+            time.sleep(0.02)
+        redis.owns_workdir = False
+        redis.stop()
+        last_log = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+    if owns:
+        shutil.rmtree(folder, ignore_errors=True)
+    raise RuntimeError(f"redis-server did not start after {attempts} attempts; log tail:\n{last_log}")
 
 
 def embedded_config(
