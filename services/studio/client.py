@@ -562,19 +562,22 @@ class _ChunkRecorder:
 
 
 class _ClientBase:
+    _grpc: Any = grpc  # the channel factory module: grpc (blocking) or grpc.aio
+
     def __init__(
         self,
         target: str,
         api_key: str,
         *,
-        application: str | None,
-        timeout_s: float | None,
-        max_message_bytes: int,
-        retries: int,
-        backoff_base_s: float,
-        backoff_max_s: float,
-        max_retry_after_s: float,
-        channel_options: Mapping[str, Any] | None,
+        application: str | None = DEFAULT_APPLICATION,
+        timeout_s: float | None = 30,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retries: int = 3,
+        backoff_base_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        max_retry_after_s: float = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        channel_options: Mapping[str, Any] | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -584,6 +587,11 @@ class _ClientBase:
         self.policy = RetryPolicy(retries, backoff_base_s, backoff_max_s, max_retry_after_s)
         self._metadata = _call_metadata(api_key, application)
         self._options = _channel_options(max_message_bytes, channel_options)
+        if credentials is None:
+            self._channel = self._grpc.insecure_channel(target, options=self._options)
+        else:
+            self._channel = self._grpc.secure_channel(target, credentials, options=self._options)
+        self._stub = studio_pb2_grpc.StudioStub(self._channel)
 
     def __repr__(self) -> str:  # never shows the API key
         return f"{type(self).__name__}(target={self.target!r}, application={self.application!r})"
@@ -601,7 +609,8 @@ class _ClientBase:
 
 
 _CLIENT_DOC_KWARGS = """
-    ``application``: Serve app name sent as ``application`` metadata (None: not sent).
+    ``application``: Serve app name sent as ``application`` metadata (Ray Serve's gRPC proxy
+    routes on it; default "fashionchameleon", None: not sent).
     ``timeout_s``: deadline of each unary attempt (streams have none). ``retries``: retries of
     a unary call after the first attempt. ``credentials``: TLS channel credentials (None:
     plaintext). ``channel_options``: extra gRPC channel arguments.
@@ -613,39 +622,6 @@ _CLIENT_DOC_KWARGS = """
 
 class StudioClient(_ClientBase):
     __doc__ = "Blocking Studio client (thread-safe; one HTTP/2 channel).\n" + _CLIENT_DOC_KWARGS
-
-    def __init__(
-        self,
-        target: str,
-        api_key: str,
-        *,
-        application: str | None = DEFAULT_APPLICATION,
-        timeout_s: float | None = 30,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retries: int = 3,
-        backoff_base_s: float = 0.1,
-        backoff_max_s: float = 5.0,
-        max_retry_after_s: float = 60.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        channel_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            api_key,
-            application=application,
-            timeout_s=timeout_s,
-            max_message_bytes=max_message_bytes,
-            retries=retries,
-            backoff_base_s=backoff_base_s,
-            backoff_max_s=backoff_max_s,
-            max_retry_after_s=max_retry_after_s,
-            channel_options=channel_options,
-        )
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=self._options)
-        self._stub = studio_pb2_grpc.StudioStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -789,39 +765,7 @@ class AsyncStudioClient(_ClientBase):
         "asyncio Studio client (``grpc.aio``); construct it inside a running event loop.\n"
         + _CLIENT_DOC_KWARGS
     )
-
-    def __init__(
-        self,
-        target: str,
-        api_key: str,
-        *,
-        application: str | None = DEFAULT_APPLICATION,
-        timeout_s: float | None = 30,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        retries: int = 3,
-        backoff_base_s: float = 0.1,
-        backoff_max_s: float = 5.0,
-        max_retry_after_s: float = 60.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        channel_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            api_key,
-            application=application,
-            timeout_s=timeout_s,
-            max_message_bytes=max_message_bytes,
-            retries=retries,
-            backoff_base_s=backoff_base_s,
-            backoff_max_s=backoff_max_s,
-            max_retry_after_s=max_retry_after_s,
-            channel_options=channel_options,
-        )
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=self._options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=self._options)
-        self._stub = studio_pb2_grpc.StudioStub(self._channel)
+    _grpc = grpc.aio
 
     async def close(self) -> None:
         await self._channel.close()
