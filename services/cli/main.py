@@ -10,11 +10,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from . import batch, checkpoint, generate, presets, serve, train
+from . import batch, checkpoint, curate, generate, presets, serve, train
 from . import eval as eval_cmd
 from .common import USAGE_ERROR, CliError, Parser, quiet_libraries
 
-COMMANDS = (generate, checkpoint, presets, serve, batch, train, eval_cmd)
+COMMANDS = (generate, checkpoint, presets, serve, batch, train, curate, eval_cmd)
 
 
 def build_parser() -> Parser:
