@@ -19,6 +19,10 @@ from shared.runtime.pipeline import EngineConfig
 from shared.storage.config import StorageConfig
 
 
+S3_ACCESS_KEY_ENV = "FASHIONCHAMELEON_S3_ACCESS_KEY"
+S3_SECRET_KEY_ENV = "FASHIONCHAMELEON_S3_SECRET_KEY"
+
+
 def _reveal(value):
     """model_dump output with every SecretStr replaced by its value."""
     if isinstance(value, SecretStr):
@@ -116,13 +120,24 @@ class AppConfig(_Frozen):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> "AppConfig":
-        """`FASHIONCHAMELEON_CONFIG` (JSON file path or inline JSON) + secrets from the environment:
-        `FASHIONCHAMELEON_API_KEYS` (JSON tenant -> key), `FASHIONCHAMELEON_REDIS_URL`."""
+        """The one place configuration is read from the environment (containers, Helm):
+        `FASHIONCHAMELEON_CONFIG` (JSON file path or inline JSON, no secrets) plus secrets from
+        Kubernetes Secrets: `FASHIONCHAMELEON_API_KEYS` (JSON tenant -> key),
+        `FASHIONCHAMELEON_REDIS_URL`, and `FASHIONCHAMELEON_S3_ACCESS_KEY` /
+        `FASHIONCHAMELEON_S3_SECRET_KEY` (both or neither; merged into `storage.s3`)."""
         env = os.environ if environ is None else environ
         raw = env.get("FASHIONCHAMELEON_CONFIG", "{}")
-        data = json.loads(Path(raw).read_text() if raw and not raw.lstrip().startswith("{") else raw)
+        data = json.loads((Path(raw).read_text() if raw and not raw.lstrip().startswith("{") else raw) or "{}")
         if "FASHIONCHAMELEON_API_KEYS" in env:
             data.setdefault("auth", {})["api_keys"] = json.loads(env["FASHIONCHAMELEON_API_KEYS"])
         if "FASHIONCHAMELEON_REDIS_URL" in env:
             data.setdefault("redis", {})["url"] = env["FASHIONCHAMELEON_REDIS_URL"]
+        access, secret = env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV)
+        if access is not None or secret is not None:
+            if not (access and secret):
+                raise ValueError(f"set both {S3_ACCESS_KEY_ENV} and {S3_SECRET_KEY_ENV}, or neither")
+            s3 = (data.get("storage") or {}).get("s3")
+            if s3 is None:
+                raise ValueError(f"{S3_ACCESS_KEY_ENV} is set but FASHIONCHAMELEON_CONFIG has no storage.s3 section")
+            s3["access_key"], s3["secret_key"] = access, secret
         return cls.model_validate(data)

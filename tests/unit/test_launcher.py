@@ -30,3 +30,23 @@ def test_local_redis_starts_and_stops():
         redis.stop()
     assert redis.process.poll() is not None
     assert free_port() > 0
+
+
+def test_from_env_reads_secrets_from_their_own_variables():
+    import pytest
+
+    base = {"storage": {"backend": "s3", "s3": {"endpoint": "s3.local:9000", "bucket": "media"}}}
+    env = {
+        "FASHIONCHAMELEON_CONFIG": json.dumps(base),
+        "FASHIONCHAMELEON_API_KEYS": json.dumps({"acme": "key-acme-0123456789"}),
+        "FASHIONCHAMELEON_REDIS_URL": "redis://redis:6379/1",
+        "FASHIONCHAMELEON_S3_ACCESS_KEY": "AK",
+        "FASHIONCHAMELEON_S3_SECRET_KEY": "SK",
+    }
+    config = AppConfig.from_env(env)
+    assert config.storage.s3.secret_key.get_secret_value() == "SK" and config.storage.s3.access_key.get_secret_value() == "AK"
+    assert config.auth.key_to_tenant() == {"key-acme-0123456789": "acme"} and config.redis.url == "redis://redis:6379/1"
+    with pytest.raises(ValueError, match="both"):
+        AppConfig.from_env({**env, "FASHIONCHAMELEON_S3_SECRET_KEY": ""})
+    with pytest.raises(ValueError, match="no storage.s3"):
+        AppConfig.from_env({**env, "FASHIONCHAMELEON_CONFIG": "{}"})
