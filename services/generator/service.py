@@ -203,6 +203,12 @@ class SessionRunner:
                 if client is None:
                     self.end_reason = "closed"
                     return
+                waiting = k - client > cfg.max_client_lag_chunks
+                ready = None if waiting else self._ready_time(k)
+                waiting = waiting or (ready is not None and time.monotonic() < ready)
+                if waiting and pending is not None:
+                    await self._publish(pending)  # nothing to overlap with: deliver it now
+                    pending = None
                 if k - client > cfg.max_client_lag_chunks:
                     if not self._paused:
                         self._paused = True
@@ -211,7 +217,6 @@ class SessionRunner:
                     continue
                 self._paused = False
                 svc.metrics.client_lag_chunks.observe(max(0, k - client))
-                ready = self._ready_time(k)
                 if ready is not None and time.monotonic() < ready:
                     await asyncio.sleep(min(cfg.control_poll_s, ready - time.monotonic()))
                     continue
