@@ -180,10 +180,17 @@ def start_app(
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2 * config.limits.max_image_bytes + 2**20))
     if not ray.is_initialized():
         system_config = {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else None
-        ray.init(
-            num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-            _metrics_export_port=metrics_port, _system_config=system_config,
-        )
+        for attempt in range(2):  # a loaded machine can miss Ray's GCS start-up deadline once
+            try:
+                ray.init(
+                    num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                    _metrics_export_port=metrics_port, _system_config=system_config,
+                )
+                break
+            except RuntimeError:
+                ray.shutdown()
+                if attempt:
+                    raise
     serve.start(
         grpc_options=gRPCOptions(
             port=config.serve.grpc_port, grpc_servicer_functions=[STUDIO_SERVICER, EVAL_SERVICER]

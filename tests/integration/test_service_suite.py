@@ -35,7 +35,7 @@ serve = pytest.importorskip("ray.serve")
 
 KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
 MAX_SESSIONS = 5
-METRICS_PORT = free_port()
+METRICS_PORT = 0  # chosen when the fixture starts Ray (a port picked at import may be taken by then)
 
 
 def png(seed: int, size=(160, 120)) -> bytes:
@@ -76,6 +76,8 @@ def suite():
     from shared.storage import open_store
 
     open_store(config.storage).ensure_bucket()
+    global METRICS_PORT
+    METRICS_PORT = free_port()
     start_app(config, metrics_port=METRICS_PORT, metrics_report_interval_ms=500)
     target = f"127.0.0.1:{config.serve.grpc_port}"
     try:
