@@ -17,37 +17,57 @@ from services.studio.service import StudioService
 from shared.config import AppConfig
 
 DEPLOYMENTS = ("encoder", "decoder", "generator", "studio", "jobs")
-STUDIO_SERVICER = "fashionchameleon.v1.studio_pb2_grpc.add_StudioServicer_to_server"
+STUDIO_SERVICER = "services.studio.wire.add_StudioServicer_to_server"  # parse-safe: bad bytes are INVALID_ARGUMENT
 EVAL_SERVICER = "fashionchameleon.v1.eval_pb2_grpc.add_EvalServicer_to_server"
 EVAL_APP = "fashionchameleon-eval"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
-def sticky_router() -> RequestRouterConfig:
-    """Consistent hashing on the handle's session_id: a session's calls reach one replica."""
-    return RequestRouterConfig(request_router_class=STICKY_ROUTER, request_router_kwargs={"num_fallback_replicas": 0})
+# How often Serve's controller checks a generator replica: it notices a dead one (and starts
+# its replacement, and tells the routers) within this, and a fresh replica's maintenance loop
+# (leases, orphan rebuilds) starts at its first check.
+GENERATOR_HEALTH_CHECK_PERIOD_S = 2.0
+
+
+def sticky_router(fallback_replicas: int = 0) -> RequestRouterConfig:
+    """Consistent hashing on the handle's session_id: a session's calls reach one replica.
+    `fallback_replicas`: successors on the ring tried when that replica is gone or full (0:
+    strict affinity, for the decoder whose replicas hold per-session state)."""
+    return RequestRouterConfig(
+        request_router_class=STICKY_ROUTER, request_router_kwargs={"num_fallback_replicas": fallback_replicas}
+    )
 
 
 def build_app(config: AppConfig) -> serve.Application:
-    cj = config.to_json()
+    """Each deployment is bound to its own view of `config` (`AppConfig.for_deployment`): Ray
+    keeps constructor arguments in its GCS, so a replica gets only the secrets it uses."""
     s = config.serve
+
+    def cj(name: str) -> str:
+        return config.for_deployment(name).to_json()
 
     def opts(gpus: float, replicas: int) -> dict:
         return {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "num_gpus": gpus}}
 
-    encoder = serve.deployment(EncoderService, name="encoder", **opts(s.encoder_gpus, s.encoder_replicas)).bind(cj)
+    encoder = serve.deployment(
+        EncoderService, name="encoder", **opts(s.encoder_gpus, s.encoder_replicas)
+    ).bind(cj("encoder"))
     decoder = serve.deployment(
         DecoderService, name="decoder", request_router_config=sticky_router(),
         **opts(s.decoder_gpus, s.decoder_replicas),
-    ).bind(cj)
+    ).bind(cj("decoder"))
     generator = serve.deployment(
-        GeneratorService, name="generator", request_router_config=sticky_router(), max_ongoing_requests=256,
-        graceful_shutdown_timeout_s=60, **opts(s.generator_gpus, s.generator_replicas),
-    ).bind(cj, decoder, encoder)
-    jobs = worker_deployment(config, config.jobs)  # batch clips: same engine path, full speed
+        # Only open_session is routed by session id (a new id; later calls go through Redis), so
+        # a dead replica's slot on the ring falls through to the next one: creates are not held
+        # up until Serve notices the death.
+        GeneratorService, name="generator", request_router_config=sticky_router(fallback_replicas=2),
+        max_ongoing_requests=256, graceful_shutdown_timeout_s=60,
+        health_check_period_s=GENERATOR_HEALTH_CHECK_PERIOD_S, **opts(s.generator_gpus, s.generator_replicas),
+    ).bind(cj("generator"), decoder, encoder)
+    jobs = worker_deployment(config.for_deployment("jobs"), config.jobs)  # batch clips: same engine path, full speed
     return serve.deployment(
         StudioService, name="studio", max_ongoing_requests=1024, **opts(0.0, s.studio_replicas)
-    ).bind(cj, generator, encoder, jobs)
+    ).bind(cj("studio"), generator, encoder, jobs)
 
 
 def build_eval_app(config: AppConfig, gpus: float = 0.0) -> serve.Application:
@@ -58,4 +78,4 @@ def build_eval_app(config: AppConfig, gpus: float = 0.0) -> serve.Application:
 
     return serve.deployment(
         EvalService, name="eval", num_replicas=1, ray_actor_options={"num_cpus": 0, "num_gpus": gpus}
-    ).bind(config.to_json())
+    ).bind(config.for_deployment("eval").to_json())

@@ -146,12 +146,18 @@ class Embedded:
             "model": c.model.model_id,
         }
 
-    def stop(self) -> None:
+    def stop(self, serve_timeout_s: float | None = None) -> None:
+        """Shut Serve down (replicas drain gracefully), then Ray, redis and the temporary folders.
+        With `serve_timeout_s`, Serve's graceful shutdown gets at most that long: Ray is then shut
+        down whatever state Serve is in (its processes are killed)."""
         from ray import serve
         import ray
 
         with contextlib.suppress(Exception):
-            serve.shutdown()
+            if serve_timeout_s is None:
+                serve.shutdown()
+            else:
+                _shutdown_serve(serve_timeout_s)
         with contextlib.suppress(Exception):
             ray.shutdown()
         if self.redis is not None:
@@ -159,6 +165,23 @@ class Embedded:
         for fn in reversed(self.cleanup):
             with contextlib.suppress(Exception):
                 fn()
+
+
+def _shutdown_serve(timeout_s: float) -> None:
+    """`serve.shutdown()` bounded in time (its client call takes the timeout; ray is pinned)."""
+    from ray.serve import context as serve_context
+
+    client = serve_context._get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        client.shutdown(timeout_s=timeout_s)
+
+
+def start_child_reaper(parent: int | None = None) -> subprocess.Popen | None:
+    """Start the watchdog that ends every descendant of `parent` (default: this process) once
+    `parent` is gone, even when it is killed (`services.child_reaper`). None off Linux."""
+    from services import child_reaper
+
+    return child_reaper.start(parent)
 
 
 def start_app(

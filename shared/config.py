@@ -6,21 +6,50 @@ themselves. `AppConfig.from_env()` is the one place that does, for containers an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from shared.jobs.config import JobsConfig
 from shared.queue.config import RedisConfig
 from shared.runtime.pipeline import EngineConfig
+from shared.storage.catalog import DEFAULT_TENANT, validate_slug
 from shared.storage.config import StorageConfig
 
 
 S3_ACCESS_KEY_ENV = "FASHIONCHAMELEON_S3_ACCESS_KEY"
 S3_SECRET_KEY_ENV = "FASHIONCHAMELEON_S3_SECRET_KEY"
+API_KEYS_ENV = "FASHIONCHAMELEON_API_KEYS"
+API_KEY_DIGESTS_ENV = "FASHIONCHAMELEON_API_KEY_DIGESTS"
+
+# An API key is one token of printable ASCII without spaces (it travels in gRPC metadata), at
+# least this long: a short key can be guessed. `secrets.token_urlsafe(32)` gives 43 characters.
+MIN_API_KEY_CHARS = 16
+MAX_API_KEY_CHARS = 512
+_API_KEY = re.compile(r"^[\x21-\x7e]+$")
+_HEX_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+# Tenant names nobody may hold: the owner of the shared garment catalog, which every tenant reads.
+RESERVED_TENANTS = frozenset({DEFAULT_TENANT})
+
+# The deployments of the suite and the secrets each one needs (a view of the config per deployment,
+# so a replica, and Ray's GCS that stores its constructor arguments, holds nothing else):
+#   auth    the API-key digests (Studio authenticates every call)
+#   storage the object store's credentials (whoever reads or writes objects)
+#   redis   the Redis URL's credentials (whoever talks to Redis)
+DEPLOYMENT_SECRETS: dict[str, frozenset[str]] = {
+    "studio": frozenset({"auth", "storage", "redis"}),  # uploads, catalog; sessions, jobs
+    "encoder": frozenset({"storage"}),  # reads uploaded images by object key
+    "decoder": frozenset({"storage"}),  # stores finished clips (when generator.save_clips)
+    "generator": frozenset({"redis"}),  # sessions, leases, streams; never touches objects
+    "jobs": frozenset({"redis", "storage"}),  # job stream; reads inputs, stores results
+    "eval": frozenset({"storage"}),  # benchmark inputs and reports
+}
 
 
 def _reveal(value):
@@ -66,15 +95,121 @@ class GeneratorConfig(_Frozen):
     drain_timeout_s: float = Field(default=50.0, ge=0)  # keep below Serve's graceful_shutdown_timeout_s
     save_clips: bool = True
     recovery: bool = True  # persist session state so another replica rebuilds a session whose replica died  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
+    recovery_attempts: int = Field(default=3, ge=1)  # rebuilds of an orphaned session before it ends FAILED
+
+
+def api_key_digest(api_key: str) -> str:
+    """Lowercase hex SHA-256 of a key's UTF-8 bytes: what configs carry instead of the key."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()
+
+
+def _as_list(value):
+    return [value] if isinstance(value, (str, SecretStr)) else value
 
 
 class AuthConfig(_Frozen):
-    """API keys -> tenants. Keys are secrets: give them by file or environment, never in values."""
+    """API keys -> tenants. Keys are secrets: give them by file or environment, never in values.
 
-    api_keys: dict[str, SecretStr] = Field(default_factory=dict)  # tenant -> key
+    A tenant has one or several keys (several while a key is rotated: add the new key, move the
+    clients, remove the old one), given as plaintext `api_keys` or as `api_key_digests` (lowercase
+    hex SHA-256 of the key, `api_key_digest(key)`), which a config may hold without holding a
+    secret. Deployments only ever receive the digests (`hashed()`, `AppConfig.to_json`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)  # errors never echo a key
+
+    api_keys: dict[str, tuple[SecretStr, ...]] = Field(default_factory=dict)  # tenant -> key(s)
+    api_key_digests: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # tenant -> digest(s)
+
+    @field_validator("api_keys", "api_key_digests", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return {tenant: _as_list(keys) for tenant, keys in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: dict[str, tuple[SecretStr, ...]]) -> dict[str, tuple[SecretStr, ...]]:
+        for tenant, keys in value.items():
+            _check_tenant(tenant)
+            if not keys:
+                raise ValueError(f"tenant {tenant!r} has an empty list of API keys")
+            for i, key in enumerate(keys):
+                secret = key.get_secret_value()  # never shown: only its position and length are
+                if not _API_KEY.match(secret) or len(secret) > MAX_API_KEY_CHARS:
+                    raise ValueError(
+                        f"API key #{i} of tenant {tenant!r} must be printable ASCII without spaces, "
+                        f"at most {MAX_API_KEY_CHARS} characters"
+                    )
+                if len(secret) < MIN_API_KEY_CHARS:
+                    raise ValueError(
+                        f"API key #{i} of tenant {tenant!r} is {len(secret)} characters long; API keys need at "
+                        f"least {MIN_API_KEY_CHARS} (make one with: python -c 'import secrets; "
+                        "print(secrets.token_urlsafe(32))')"
+                    )
+        return value
+
+    @field_validator("api_key_digests")
+    @classmethod
+    def _check_digests(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for tenant, digests in value.items():
+            _check_tenant(tenant)
+            if not digests:
+                raise ValueError(f"tenant {tenant!r} has an empty list of API key digests")
+            lowered = tuple(d.lower() if isinstance(d, str) else d for d in digests)
+            for i, digest in enumerate(lowered):
+                if not isinstance(digest, str) or not _HEX_DIGEST.match(digest):
+                    raise ValueError(f"API key digest #{i} of tenant {tenant!r} must be 64 hex characters (SHA-256)")
+            out[tenant] = lowered
+        return out
+
+    @model_validator(mode="after")
+    def _check_unique(self) -> AuthConfig:
+        owners: dict[str, str] = {}
+        for tenant, digest in self._pairs():
+            if owners.setdefault(digest, tenant) != tenant:
+                raise ValueError(f"one API key is configured for two tenants ({owners[digest]!r} and {tenant!r})")
+        return self
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        """(tenant, digest) of every configured key, plaintext or digest."""
+        pairs = [(t, api_key_digest(k.get_secret_value())) for t, keys in self.api_keys.items() for k in keys]
+        return pairs + [(t, d) for t, digests in self.api_key_digests.items() for d in digests]
+
+    @property
+    def tenants(self) -> list[str]:
+        return list(dict.fromkeys([*self.api_keys, *self.api_key_digests]))
 
     def key_to_tenant(self) -> dict[str, str]:
-        return {key.get_secret_value(): tenant for tenant, key in self.api_keys.items()}
+        """Plaintext key -> tenant, for the keys given in plaintext (tools and tests)."""
+        return {key.get_secret_value(): tenant for tenant, keys in self.api_keys.items() for key in keys}
+
+    def digest_to_tenant(self) -> dict[str, str]:
+        """Hex SHA-256 of every key -> its tenant (what `ApiKeyAuth.from_digests` takes)."""
+        return {digest: tenant for tenant, digest in self._pairs()}
+
+    def hashed(self) -> AuthConfig:
+        """The same keys as digests only: no plaintext key leaves the process that read it."""
+        by_tenant: dict[str, list[str]] = {}
+        for tenant, digest in self._pairs():
+            if digest not in by_tenant.setdefault(tenant, []):
+                by_tenant[tenant].append(digest)
+        return AuthConfig(api_key_digests=by_tenant)
+
+
+def _check_tenant(tenant: str) -> None:
+    validate_slug(tenant, "tenant")
+    if tenant in RESERVED_TENANTS:
+        raise ValueError(f"tenant name {tenant!r} is reserved (the shared garment catalog's owner); choose another")
+
+
+def _without_url_credentials(url: str) -> str:
+    """`url` minus user:password and any username/password query parameters."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if k.lower() not in ("password", "username", "user")])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class LimitsConfig(_Frozen):
@@ -100,6 +235,8 @@ class ServeConfig(_Frozen):
 
 
 class AppConfig(_Frozen):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)  # it holds secrets
+
     model: ModelConfig = ModelConfig()
     redis: RedisConfig = RedisConfig()
     storage: StorageConfig = StorageConfig()
@@ -111,8 +248,29 @@ class AppConfig(_Frozen):
     mode: Literal["dev", "production"] = "dev"
 
     def to_json(self) -> str:
-        """Serialisable form for Ray replicas, secrets revealed (it never leaves the cluster)."""
-        return json.dumps(_reveal(self.model_dump(mode="python")), default=str)
+        """Serialisable form for Ray replicas: object-store and Redis credentials revealed (it
+        never leaves the cluster), API keys as digests only. A deployment gets
+        `for_deployment(name).to_json()`, which holds only the secrets that deployment uses."""
+        data = self.model_copy(update={"auth": self.auth.hashed()}).model_dump(mode="python")
+        return json.dumps(_reveal(data), default=str)
+
+    def for_deployment(self, name: str) -> AppConfig:
+        """This config as deployment `name` (a key of `DEPLOYMENT_SECRETS`) needs it: the secrets
+        it does not use are removed (API-key digests outside Studio, object-store credentials
+        where no object is read or written, Redis URL credentials where Redis is not used).
+        The non-secret sections stay whole."""
+        if name not in DEPLOYMENT_SECRETS:
+            raise ValueError(f"unknown deployment {name!r}; one of {sorted(DEPLOYMENT_SECRETS)}")
+        needs = DEPLOYMENT_SECRETS[name]
+        if name == "decoder" and not self.generator.save_clips:
+            needs = needs - {"storage"}
+        update: dict = {"auth": self.auth.hashed() if "auth" in needs else AuthConfig()}
+        if "storage" not in needs and self.storage.s3 is not None:
+            anonymous = self.storage.s3.model_copy(update={"access_key": None, "secret_key": None})
+            update["storage"] = self.storage.model_copy(update={"s3": anonymous})
+        if "redis" not in needs:
+            update["redis"] = self.redis.model_copy(update={"url": _without_url_credentials(self.redis.url)})
+        return self.model_copy(update=update)
 
     @classmethod
     def from_json(cls, text: str) -> "AppConfig":
@@ -122,14 +280,18 @@ class AppConfig(_Frozen):
     def from_env(cls, environ: dict[str, str] | None = None) -> "AppConfig":
         """The one place configuration is read from the environment (containers, Helm):
         `FASHIONCHAMELEON_CONFIG` (JSON file path or inline JSON, no secrets) plus secrets from
-        Kubernetes Secrets: `FASHIONCHAMELEON_API_KEYS` (JSON tenant -> key),
+        Kubernetes Secrets: `FASHIONCHAMELEON_API_KEYS` (JSON tenant -> key, or a list of keys
+        while one is rotated), `FASHIONCHAMELEON_API_KEY_DIGESTS` (JSON tenant -> hex SHA-256 of
+        a key, or a list; no plaintext needed anywhere),
         `FASHIONCHAMELEON_REDIS_URL`, and `FASHIONCHAMELEON_S3_ACCESS_KEY` /
         `FASHIONCHAMELEON_S3_SECRET_KEY` (both or neither; merged into `storage.s3`)."""
         env = os.environ if environ is None else environ
         raw = env.get("FASHIONCHAMELEON_CONFIG", "{}")
         data = json.loads((Path(raw).read_text() if raw and not raw.lstrip().startswith("{") else raw) or "{}")
-        if "FASHIONCHAMELEON_API_KEYS" in env:
-            data.setdefault("auth", {})["api_keys"] = json.loads(env["FASHIONCHAMELEON_API_KEYS"])
+        if API_KEYS_ENV in env:
+            data.setdefault("auth", {})["api_keys"] = json.loads(env[API_KEYS_ENV])
+        if API_KEY_DIGESTS_ENV in env:
+            data.setdefault("auth", {})["api_key_digests"] = json.loads(env[API_KEY_DIGESTS_ENV])
         if "FASHIONCHAMELEON_REDIS_URL" in env:
             data.setdefault("redis", {})["url"] = env["FASHIONCHAMELEON_REDIS_URL"]
         access, secret = env.get(S3_ACCESS_KEY_ENV), env.get(S3_SECRET_KEY_ENV)

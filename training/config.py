@@ -230,7 +230,44 @@ def _tiny() -> Recipe:
     )
 
 
-RECIPES = {"tiny": _tiny, "wan2.2-ti2v-5b": _full_5b}
+def _toy() -> Recipe:
+    """The toy try-on world (shared/toyworld) on a 2-core CPU: `fashionchameleon train toy` runs
+    stage 0 (VAE) and these three stages; model sources are set by that command (its init folder and
+    each stage's export). Clips of 12 latent frames (45 pixel frames) = the streaming span 2 + 12."""
+    cpu = {"device": "cpu", "attention_backend": "math", "checkpoint_every": 100, "tensorboard": False, "progress": True}
+    par = ParallelConfig(param_dtype="float32", activation_checkpointing=False)
+    toy = ModelSource(preset="toy")
+    data = DataConfig(latent_frames=12, batch_size=8)
+    return Recipe(
+        name="toy",
+        teacher=TeacherStage(
+            model=toy,
+            data=data.model_copy(update={"dynamic_caption_prob": 0.7}),
+            optim=OptimConfig(lr=6e-4, warmup_steps=50, lr_steps=((900, 2.5e-4),)),
+            parallel=par,
+            run=RunConfig(max_steps=1300, log_every=10, **cpu),
+        ),
+        teacher_forcing=TeacherForcingStage(
+            model=toy,
+            data=data.model_copy(update={"batch_size": 4, "dynamic_caption_prob": 0.7}),
+            optim=OptimConfig(lr=2e-4, betas=(0.9, 0.999), warmup_steps=20),
+            parallel=par,
+            run=RunConfig(max_steps=450, log_every=10, **cpu),
+        ),
+        dmd=DMDStage(
+            generator=toy,
+            score=toy,
+            data=data.model_copy(update={"batch_size": 2}),
+            generator_optim=OptimConfig(lr=2e-5, betas=(0.0, 0.999)),
+            fake_optim=OptimConfig(lr=1e-4, betas=(0.0, 0.999)),
+            parallel=par,
+            run=RunConfig(max_steps=150, log_every=5, **{**cpu, "checkpoint_every": 25}),
+            reward=RewardConfig(kind="training.toy:toy_reward"),
+        ),
+    )
+
+
+RECIPES = {"tiny": _tiny, "toy": _toy, "wan2.2-ti2v-5b": _full_5b}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -51,7 +51,9 @@ class TeacherForcingObjective:
         st = preset.streaming
         if data.latent_frames % st.chunk_frames:
             raise ValueError(f"latent_frames={data.latent_frames} is not a multiple of chunk_frames={st.chunk_frames}")
-        if data.latent_frames > st.max_cache_frames:
+        if data.latent_frames > st.max_cache_frames + st.chunk_frames:
+            # The last noisy chunk sees all earlier chunks; streaming does too while they fit in the
+            # cache (M frames). Past that the cache evicts, which the mask does not model.
             raise ValueError("teacher forcing past the KV-cache size (eviction) is not modelled by the mask")
         self.preset, self.flow, self.data, self.seed, self.rope = preset, flow, data, seed, rope
         self.chunk = st.chunk_frames

@@ -25,6 +25,63 @@ from typing import Any
 from .common import CliError, Parser, add_engine_arguments, engine_config, print_json
 
 SMOKE = "smoke"
+TOY = "toy"
+
+
+def _run_toy_bench(args) -> int:
+    """The toy world's held-out bench through the engine (see services/eval/toybench.py)."""
+    from services.eval.toybench import Variant, run_bench
+    from shared.runtime.pipeline import Engine
+
+    if args.studio is not None:
+        raise CliError("--bench toy runs through the engine; give --checkpoint (or nothing: the shipped toy model)")
+    frames = args.frames or 93  # 8 chunks
+    chunks = max(2, 1 + (frames - 9 + 11) // 12)
+    variant = Variant(name=args.label or "default", refresh=args.refresh, withdraw=args.withdraw,
+                      disentangle=args.disentangle, chunks=chunks)
+    if args.preset is not None:
+        engine = Engine.from_preset(args.preset, engine_config(args, _preset(args.preset)), seed=args.weights_seed)
+    else:
+        try:
+            engine = Engine.from_checkpoint(args.checkpoint, _engine_config_for_checkpoint(args))
+        except (OSError, ValueError) as e:
+            raise CliError(f"cannot load checkpoint {args.checkpoint}: {e}") from None
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm as progress
+    report = run_bench(args.checkpoint or args.preset, Path(args.out), samples=args.max_samples or 8, chunks=chunks,
+                       variant=variant, progress=progress, engine=engine, label=args.label)
+    run_dir = Path(args.out)
+    print_json({
+        "run_id": report["run_id"],
+        "run_dir": str(run_dir),
+        "benchmark": TOY,
+        "checkpoint_id": report["checkpoint_id"],
+        "samples": report["benchmark"]["samples"],
+        "failed": 0,
+        "reports": {k: str(run_dir / f"report.{k}") for k in ("json", "md", "html")},
+        "metrics": {k: m["value"] for k, m in report["metrics"].items()},
+    })
+    return 0
+
+
+def _preset(name: str):
+    from shared.models.presets import get_preset
+
+    try:
+        return get_preset(name)
+    except KeyError as e:
+        raise CliError(e.args[0]) from None
+
+
+def _engine_config_for_checkpoint(args):
+    from shared.models.checkpoint import CheckpointError, read_preset
+
+    try:
+        preset, _ = read_preset(args.checkpoint)
+    except CheckpointError as e:
+        raise CliError(f"cannot read checkpoint: {e}") from None
+    return engine_config(args, preset)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,11 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--bench",
         required=True,
         metavar="MANIFEST",
-        help="manifest.jsonl path, object:<key> (needs --store), or 'smoke'",
+        help="manifest.jsonl path, object:<key> (needs --store), 'smoke', or 'toy' (the toy world's held-out "
+        "bench, scored with its exact metrics)",
     )
     run.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder (its name is the run id; resumes)")
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder")
+    source = run.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (default: the shipped toy model)")
     source.add_argument("--preset", metavar="NAME", help="random weights of a preset (e.g. tiny)")
     source.add_argument("--studio", metavar="HOST:PORT", help="a running Studio (public gRPC API)")
     run.add_argument("--weights-seed", type=int, default=0, help="seed of random weights with --preset")
@@ -269,6 +327,15 @@ def run_eval(args) -> int:
 
     if args.max_samples is not None and args.max_samples < 1:
         raise CliError("--max-samples must be >= 1")
+    if args.checkpoint is None and args.preset is None and args.studio is None:
+        from shared.models.checkpoint import CheckpointError, default_checkpoint
+
+        try:
+            args.checkpoint = str(default_checkpoint())
+        except CheckpointError as e:
+            raise CliError(str(e)) from None
+    if args.bench == TOY:
+        return _run_toy_bench(args)
     cfg = _eval_config(args)
     run_dir = Path(args.out).expanduser().absolute()
     store = _store(args.store)

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from shared.media.video import Mp4Writer
-from shared.models.checkpoint import CheckpointError, build_random, read_preset
+from shared.models.checkpoint import CheckpointError, build_random, default_checkpoint, read_preset
 from shared.models.presets import Preset, get_preset
 from shared.models.text_encoder import validate_prompt
 from shared.runtime.pipeline import Engine, EngineConfig
@@ -67,8 +67,9 @@ class GenerateRequest:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate a try-on clip (MP4)", description=DESCRIPTION)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder (diffusers pipeline layout)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", metavar="DIR",
+                        help="checkpoint folder (diffusers pipeline layout; default: the shipped toy model, checkpoints/toy)")
     source.add_argument("--preset", metavar="NAME", help="random weights of a preset (see `fashionchameleon presets`)")
     p.add_argument("--reference", required=True, metavar="IMG", help="photo of the person")
     p.add_argument("--garment", required=True, metavar="IMG", help="garment image worn from the first chunk")
@@ -106,6 +107,11 @@ def parse_switch(spec: str, chunks: int) -> tuple[int, str]:
 
 
 def _source_preset(args: argparse.Namespace) -> Preset:
+    if args.preset is None and args.checkpoint is None:
+        try:
+            args.checkpoint = str(default_checkpoint())
+        except CheckpointError as e:
+            raise CliError(str(e)) from None
     if args.preset is not None:
         try:
             return get_preset(args.preset)

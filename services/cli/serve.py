@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import signal
 import statistics
 import threading
@@ -21,6 +22,7 @@ from PIL import Image, ImageDraw
 from .common import CliError, print_json
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DEMO_PROMPT = "The person waves with the right hand steadily."  # a caption of the toy world
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,37 +40,94 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--api-key", help="API key for --target")
     demo.add_argument("--chunks", type=int, default=8, help="chunks to stream (default 8)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help=f"motion prompt (default: {DEMO_PROMPT!r})")
     demo.add_argument("--out", default="demo.mp4", help="where to save the clip (default demo.mp4)")
     demo.set_defaults(run=run_demo)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="preset with random weights (default tiny)")
-    p.add_argument("--checkpoint", help="checkpoint folder (overrides --preset)")
+    p.add_argument("--preset", help="random weights of a preset (speed tests; default: the shipped toy model)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped toy model, checkpoints/toy)")
     p.add_argument("--no-realtime", action="store_true", help="generate as fast as possible, not at playback pace")
+
+
+def _model_source(args) -> tuple[str, str | None]:
+    """(preset, checkpoint) for the launcher: a named one, else the shipped toy checkpoint."""
+    from shared.models.checkpoint import CheckpointError, default_checkpoint
+
+    if args.checkpoint is not None and args.preset is not None:
+        raise CliError("give --checkpoint or --preset, not both")
+    if args.checkpoint is None and args.preset is None:
+        try:
+            return "toy", str(default_checkpoint())
+        except CheckpointError as e:
+            raise CliError(str(e)) from None
+    return args.preset or "tiny", args.checkpoint
 
 
 def _start(args, **extra):
     from services.launcher import start_embedded
 
+    preset, checkpoint = _model_source(args)
     try:
-        return start_embedded(
-            preset=args.preset, checkpoint=args.checkpoint, realtime=not args.no_realtime, **extra
-        )
+        return start_embedded(preset=preset, checkpoint=checkpoint, realtime=not args.no_realtime, **extra)
     except RuntimeError as e:
         raise CliError(str(e)) from None
 
 
+STOP_DEADLINE_S = 9.0  # SIGINT/SIGTERM -> `up` has exited, however the shutdown goes
+SERVE_DRAIN_S = 4.0  # of which Serve's graceful shutdown (replicas drain) may take this long
+
+
+def _check_api_key(api_key: str | None) -> None:
+    """The key rules of AuthConfig (length, characters) as a one-line CLI error."""
+    from pydantic import ValidationError
+
+    from shared.config import AuthConfig
+
+    if api_key is not None:
+        try:
+            AuthConfig(api_keys={"dev": api_key})
+        except ValidationError as e:
+            raise CliError(f"--api-key: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+
+
+def _exit_after(seconds: float, status: int) -> None:
+    """Leave the process after `seconds` even if the shutdown is stuck (the reaper ends the children)."""
+    def leave() -> None:
+        print_json({"status": "stopped", "forced": True})
+        os._exit(status)
+
+    timer = threading.Timer(seconds, leave)
+    timer.daemon = True
+    timer.start()
+
+
 def run_up(args) -> int:
+    """Serve until SIGINT or SIGTERM, then stop within STOP_DEADLINE_S. Every process `up`
+    starts (redis-server, Ray's) ends with it, even when `up` itself is killed: a watchdog
+    (`services.child_reaper`) ends whatever outlives it."""
+    from services.launcher import start_child_reaper
+
+    _check_api_key(args.api_key)
+    start_child_reaper()  # first: whatever happens next, nothing we start outlives us
     emb = _start(args, redis_url=args.redis_url, store_root=args.store, grpc_port=args.grpc_port, api_key=args.api_key)
     stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set():  # a second Ctrl-C: leave now
+            os._exit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     print_json({"status": "serving", **emb.describe()})
     try:
         stop.wait()
     finally:
-        emb.stop()
+        _exit_after(STOP_DEADLINE_S, 1)
+        emb.stop(serve_timeout_s=SERVE_DRAIN_S)
+    print_json({"status": "stopped"})
     return 0
 
 
@@ -103,6 +162,9 @@ def run_demo(args) -> int:
             raise CliError("--target needs --api-key")
         target, api_key = args.target, args.api_key
     else:
+        from services.launcher import start_child_reaper
+
+        start_child_reaper()  # the embedded suite's processes end with this one, even if it is killed
         emb = _start(args)
         target, api_key = emb.grpc_target, emb.api_key
     person = _image_bytes("person.png", (90, 110, 150))
@@ -112,7 +174,7 @@ def run_demo(args) -> int:
         with StudioClient(target, api_key) as client:
             t0 = time.perf_counter()
             session = client.create_session(
-                person, garments[0], "A person walks toward the camera and smiles", seed=args.seed,
+                person, garments[0], args.prompt, seed=args.seed,
                 options={"max_chunks": args.chunks},
             )
             created = time.perf_counter()

@@ -56,6 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--force", action="store_true", help="write into a non-empty folder")
     pre.set_defaults(run=run_preprocess)
 
+    t = sub.add_parser("toy", help="the toy try-on world end to end: VAE, data, teacher, teacher forcing, GR-DMD",
+                       description="Reproduce checkpoints/toy from scratch on a CPU (about 1.5 h on 2 cores). Each "
+                                   "step resumes from its folder under --out; a rerun skips finished steps. Prints the "
+                                   "metric table of the held-out bench at the end.")
+    t.add_argument("--out", required=True, metavar="DIR", help="run folder (created; resumed when it exists)")
+    t.add_argument("--quick", action="store_true", help="a few steps of every stage (a smoke run of minutes)")
+    t.add_argument("--no-eval", action="store_true", help="skip the held-out bench at the end")
+    t.set_defaults(run=run_toy)
+
     r = sub.add_parser("recipe", help="print a recipe (resolved) and its per-GPU memory plan")
     _recipe_arguments(r)
     r.add_argument("--gpus", type=int, default=8, help="GPUs for the memory plan (default: 8)")
@@ -170,6 +179,31 @@ def run_preprocess(args: argparse.Namespace) -> int:
         uploaded = upload_dataset(out, store, "")
     print_json({"path": str(out), "samples": index.num_samples, "shards": len(index.shards),
                 "uploaded_objects": uploaded, "seconds": round(time.perf_counter() - start, 3)})
+    return 0
+
+
+def run_toy(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from training.toy import ToyPlan, run_toy as run
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is not a folder")
+    start = time.perf_counter()
+    plan = ToyPlan.quick() if args.quick else ToyPlan.full()
+    summary = run(out, plan, progress=tqdm, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if not args.no_eval:
+        from services.eval.toybench import format_table, run_bench
+
+        bench = run_bench(summary["checkpoint"], out / "bench", samples=2 if args.quick else 8,
+                          chunks=4 if args.quick else 8, progress=tqdm)
+        summary["bench"] = bench["summary"]
+        print(format_table(bench["summary"]), file=sys.stderr)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    print_json(summary)
     return 0
 
 

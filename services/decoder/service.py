@@ -4,17 +4,23 @@ Each session keeps its causal-conv decode state and its fMP4 muxer on one replic
 generator reaches it through a consistent-hash router keyed by session id). A chunk that
 arrives out of order, or for a session this replica does not hold, is refused with ABORTED
 / SESSION_NOT_ON_REPLICA; the caller may then retry with `reset`, which starts a new decode
-stream and a new init segment.
+stream and a new init segment; the stream's timeline (decode times, frame numbers) and the
+session's clip go on across it, and `prime_latents` keep the first chunk after it whole.
+State of sessions whose generator vanished without closing them is evicted after an idle
+timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import logging
+import os
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
@@ -28,17 +34,57 @@ from shared.media.fmp4 import FragmentedMp4Muxer, split_init_segment
 from shared.runtime.decode import StreamingDecoder, to_uint8_frames
 from shared.storage import open_store
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _DecodeSession:
     decoder: StreamingDecoder
     muxer: FragmentedMp4Muxer
     next_chunk: int
-    first_chunk: int
+    first_chunk: int  # first chunk of the current decode stream (since the last reset)
+    next_frame: int  # stream frame index of the next decoded frame (the timeline, never reset)
     init_segment: bytes = b""
     last_frame: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
-    clip: object | None = None  # temporary file collecting the session's fMP4 pieces
-    frame_offset: int = 0  # pixel frames of the stream before this decode stream started
+    clip: _Clip | None = None  # the session's whole video so far, across resets
+    idle_timeout_s: float = 0.0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class _Clip:
+    """The session's fMP4 on local disk, one init segment then every chunk's fragment in order.
+
+    A reset that re-decodes from chunk k truncates what was written from chunk k on (a rebuilt
+    generator replaces chunks its dead predecessor decoded but never published) and writes the
+    new muxer's identical init segment only once."""
+
+    def __init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="fc-clip-", suffix=".mp4")
+        self.file = os.fdopen(fd, "w+b")
+        self.init: bytes | None = None
+        self.offsets: dict[int, int] = {}  # chunk index -> where its fragment starts
+
+    def append(self, chunk_index: int, piece: bytes) -> None:
+        if chunk_index in self.offsets:  # re-decoded after a reset: replace it and what follows
+            self.file.truncate(self.offsets[chunk_index])
+            self.file.seek(self.offsets[chunk_index])
+            self.offsets = {k: v for k, v in self.offsets.items() if k < chunk_index}
+        if self.init is not None and piece.startswith(self.init):
+            piece = piece[len(self.init):]
+        elif self.init is None:
+            with contextlib.suppress(ValueError):
+                self.init, _ = split_init_segment(piece)
+        self.offsets[chunk_index] = self.file.tell()
+        self.file.write(piece)
+
+    @property
+    def size(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 class DecoderService:
@@ -46,28 +92,82 @@ class DecoderService:
         self.config = AppConfig.from_json(config_json)
         self.engine = load_engine(self.config.model, frozenset({"vae"}))
         self.sessions: dict[str, _DecodeSession] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the VAE: one decode/encode at a time
+        self._table = threading.Lock()  # the session table, touched from worker threads
         self.store = open_store(self.config.storage) if self.config.generator.save_clips else None
+        r = self.config.redis
+        # A live session decodes a chunk at least every idle TTL (a paused one ends by then)
+        # plus a failover; past that its generator vanished without closing it.
+        self.default_idle_timeout_s = r.session_idle_ttl_s + r.session_lease_s + 60.0
+        self._sweeper: asyncio.Task | None = None
+
+    def _drop(self, session: _DecodeSession) -> None:
+        with contextlib.suppress(Exception):
+            session.muxer.close()
+        if session.clip is not None:
+            session.clip.close()
+
+    def evict_idle(self, now: float | None = None) -> list[str]:
+        """Drop the decode state of sessions no chunk arrived for within their idle timeout
+        (their generator vanished without a CloseSession). Returns the evicted ids."""
+        now = time.monotonic() if now is None else now
+        with self._table:
+            gone = [sid for sid, s in self.sessions.items() if now - s.last_used > s.idle_timeout_s]
+            dropped = [self.sessions.pop(sid) for sid in gone]
+        for session in dropped:
+            self._drop(session)
+        if gone:
+            log.warning("decoder: evicted %d idle session(s) whose generator went away: %s", len(gone), gone)
+        return gone
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(60.0, self.default_idle_timeout_s / 4)))
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.evict_idle)
+
+    def _start_stream(self, req: decoder_pb2.DecodeChunkRequest, old: _DecodeSession | None) -> _DecodeSession:
+        """A new causal decode state and muxer at req.chunk_index; the timeline and the clip go on."""
+        st = self.engine.preset.streaming
+        fps = req.encode.fps or st.fps
+        crf = req.encode.crf if req.encode.HasField("crf") else 23
+        muxer = FragmentedMp4Muxer(
+            st.width, st.height, fps=fps, crf=crf, preset=req.encode.encoder_preset or "veryfast",
+            start_frame=req.first_frame_index, start_sequence=req.chunk_index,
+        )
+        decoder = StreamingDecoder(self.engine.vae)
+        if req.reset and req.HasField("prime_latents") and req.chunk_index > 0:
+            # Decode what precedes the chunk in the video and drop those frames: the causal
+            # caches then continue the stream, so this chunk gets 4 f frames, not 1 + 4 (f - 1).
+            prime = tensor_from_proto(req.prime_latents).to(self.engine.device, self.engine.dtype)
+            with self._lock:
+                decoder.decode_chunk(prime)
+        clip = None
+        if old is not None:
+            with contextlib.suppress(Exception):
+                old.muxer.close()  # the replaced muxer's encoder is freed now, not at GC
+            clip = old.clip if req.chunk_index > 0 else None
+            if clip is None and old.clip is not None:
+                old.clip.close()
+        if clip is None and self.store is not None:
+            clip = _Clip()
+        return _DecodeSession(
+            decoder, muxer, req.chunk_index, req.chunk_index, next_frame=req.first_frame_index, clip=clip,
+            idle_timeout_s=req.idle_timeout_seconds or self.default_idle_timeout_s,
+        )
 
     def _decode_sync(self, req: decoder_pb2.DecodeChunkRequest) -> decoder_pb2.DecodeChunkResponse:
         start = time.perf_counter()
         st = self.engine.preset.streaming
-        session = self.sessions.get(req.session_id)
+        with self._table:
+            session = self.sessions.get(req.session_id)
         if req.reset or session is None:
             if session is None and req.chunk_index != 0 and not req.reset:
                 raise Aborted(f"session {req.session_id} is not decoded on this replica", reason="SESSION_NOT_ON_REPLICA")
-            fps = req.encode.fps or st.fps
-            crf = req.encode.crf if req.encode.HasField("crf") else 23
-            muxer = FragmentedMp4Muxer(st.width, st.height, fps=fps, crf=crf, preset=req.encode.encoder_preset or "veryfast")
-            if session is not None and session.clip is not None:
-                session.clip.close()
-            session = _DecodeSession(
-                StreamingDecoder(self.engine.vae), muxer, req.chunk_index, req.chunk_index,
-                frame_offset=req.first_frame_index,
-            )
-            if self.store is not None:
-                session.clip = tempfile.TemporaryFile(prefix="fc-clip-")
-            self.sessions[req.session_id] = session
+            session = self._start_stream(req, session)
+            with self._table:
+                self.sessions[req.session_id] = session
+        session.last_used = time.monotonic()
         if req.chunk_index != session.next_chunk:
             raise Aborted(
                 f"chunk {req.chunk_index} arrived, expected {session.next_chunk}", reason="CHUNK_OUT_OF_ORDER"
@@ -81,18 +181,21 @@ class DecoderService:
         piece = session.muxer.add_chunk(frames.numpy())
         encode_s = time.perf_counter() - encode_start
         if session.clip is not None:
-            session.clip.write(piece)
+            session.clip.append(req.chunk_index, piece)
         init = b""
         if session.next_chunk == session.first_chunk:
             session.init_segment, _ = split_init_segment(piece)
             init = session.init_segment
         session.next_chunk += 1
+        first_frame = session.next_frame
+        session.next_frame += frames.shape[0]
+        session.last_used = time.monotonic()
         resp = decoder_pb2.DecodeChunkResponse(
             session_id=req.session_id,
             chunk_index=req.chunk_index,
             fmp4=piece,
             num_frames=frames.shape[0],
-            first_frame_index=session.frame_offset + session.decoder.frames_decoded - frames.shape[0],
+            first_frame_index=first_frame,
             init_segment=init,
             mime_type=session.muxer.mime_type,
             width=st.width,
@@ -113,6 +216,8 @@ class DecoderService:
         return resp
 
     async def DecodeChunk(self, request: decoder_pb2.DecodeChunkRequest) -> decoder_pb2.DecodeChunkResponse:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
         return await asyncio.to_thread(self._decode_sync, request)
 
     def _encode_last_frame_sync(self, session_id: str):
@@ -127,23 +232,28 @@ class DecoderService:
         """The last decoded frame of a session, VAE-encoded as an image: the switch's new reference."""
         return await asyncio.to_thread(self._encode_last_frame_sync, session_id)
 
+    def _close_sync(self, session_id: str, save_key: str | None) -> decoder_pb2.DecoderCloseSessionResponse:
+        with self._table:
+            session = self.sessions.pop(session_id, None)
+        if session is None:
+            return decoder_pb2.DecoderCloseSessionResponse()
+        freed = session.decoder.state_bytes()
+        try:
+            if session.clip is not None and save_key and session.clip.size > 0:
+                session.clip.file.flush()
+                # streamed from disk (S3: multipart), never read whole into memory
+                self.store.put_file(save_key, session.clip.path, "video/mp4")
+        finally:
+            self._drop(session)
+        return decoder_pb2.DecoderCloseSessionResponse(
+            chunks_decoded=session.next_chunk - session.first_chunk, freed_bytes=freed
+        )
+
     async def CloseSession(
         self, request: decoder_pb2.DecoderCloseSessionRequest, save_key: str | None = None
     ) -> decoder_pb2.DecoderCloseSessionResponse:
         """Free the session's decode state; with `save_key`, store the whole clip there first."""
-        session = self.sessions.pop(request.session_id, None)
-        if session is None:
-            return decoder_pb2.DecoderCloseSessionResponse()
-        freed = session.decoder.state_bytes()
-        session.muxer.close()
-        if session.clip is not None:
-            if save_key and session.clip.tell() > 0:
-                session.clip.seek(0)
-                await asyncio.to_thread(self.store.put_bytes, save_key, session.clip.read(), "video/mp4")
-            session.clip.close()
-        return decoder_pb2.DecoderCloseSessionResponse(
-            chunks_decoded=session.next_chunk - session.first_chunk, freed_bytes=freed
-        )
+        return await asyncio.to_thread(self._close_sync, request.session_id, save_key)
 
     def num_sessions(self) -> int:
         return len(self.sessions)

@@ -133,6 +133,14 @@ DEFAULT_TOLERANCES: dict[str, Tolerance] = {
     "end_to_end_fps": Tolerance(rel=0.10),
     "time_to_first_chunk_seconds": Tolerance(rel=0.20),
     "switch_latency_seconds": Tolerance(rel=0.20),
+    # the toy world's bench (services/eval/toybench.py)
+    "garment_match_before": Tolerance(abs=0.1),
+    "garment_match_after": Tolerance(abs=0.1),
+    "identity_match_rate": Tolerance(abs=0.1),
+    "bottoms_match_rate": Tolerance(abs=0.1),
+    "motion_direction_accuracy": Tolerance(abs=0.15),
+    "switch_latency_frames": Tolerance(abs=3.0),
+    "switch_in_first_chunk": Tolerance(abs=0.15),
 }
 
 

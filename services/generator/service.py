@@ -32,7 +32,7 @@ from services.common.model import load_engine
 from services.common.tensors import pad_text_embedding, tensor_from_proto, tensor_to_proto, trim_text_embedding
 from shared.config import AppConfig
 from shared.queue import CommandType, SessionRegistry, SessionState
-from shared.queue.sessions import LeaseHeld, LeaseLost
+from shared.queue.sessions import InvalidTransition, LeaseHeld, LeaseLost
 from shared.queue.streams import SessionClosed, SessionNotFound
 from shared.queue.config import connect
 from shared.runtime.kv_cache import KVCacheSpec
@@ -52,6 +52,21 @@ def switch_options_from_proto(opts: common_pb2.SwitchOptions, default: SwitchOpt
     )
 
 
+def _wire_result(fn, *args):
+    """`fn(*args)` as a wire tensor: run on a worker thread, so the device->host copy that waits
+    for the device (`.cpu()`) never blocks the event loop."""
+    return tensor_to_proto(fn(*args))
+
+
+def _state_blob(session: StreamingSession, extra: dict) -> bytes:
+    """The session's rebuild state as bytes (device->host copies: call it on a worker thread)."""
+    text, _ = trim_text_embedding(session.text_raw.cpu())
+    state = session.state()
+    state.text = text
+    state.extra = extra
+    return state.to_bytes()
+
+
 @dataclass
 class _Pending:
     index: int
@@ -59,6 +74,7 @@ class _Pending:
     meta: dict
     started: float
     request: object = None  # the DecodeChunkRequest, re-sent with `reset` if the decoder lost the session
+    prime: object = None  # latents (proto) of the chunk before: the primer of such a reset
 
 
 @dataclass
@@ -83,6 +99,22 @@ class SessionRunner:
     restart_decode: bool = False  # a rebuilt session starts a new decode stream at its first chunk
     frame_offset: int = 0  # pixel frames published before this runner took over
     lease_lost: bool = False  # another replica took the session over: leave its records alone
+    prime_latents: object = None  # a rebuilt session's decode primer (proto: the last frame, encoded)
+    idle_ttl_s: float | None = None  # the session's idle TTL (the decoder keeps its state a while longer)
+    _last_latents: object = None  # latents (proto) of the last chunk sent to the decoder: a reset's primer
+    _finishing: bool = False  # in finish(): cancelling now would cut the decoder close and the clip save
+
+    def stop(self) -> None:
+        """End the loop; finish() then frees the cache, closes the decode state and saves the
+        clip. Idempotent, and never interrupts finish() itself."""
+        if self.task is not None and not self._finishing:
+            self.task.cancel()
+
+    def _frames_before(self, k: int) -> int:
+        """Stream frame index of chunk k's first pixel frame: 1 + 4 (f - 1) frames for chunk 0,
+        4 f for every later one (resets re-prime the decoder, so counts never restart)."""
+        f = self.session.preset.streaming.chunk_frames
+        return 0 if k <= 0 else 1 + 4 * (f * k - 1)
 
     # ---- control ---------------------------------------------------------------------
     async def _apply(self, cmd, pending: _Pending | None) -> _Pending | None:
@@ -99,22 +131,24 @@ class SessionRunner:
                 if pending is not None:
                     await self._publish(pending)
                     pending = None
-                new_ref = tensor_from_proto(
-                    await svc.decoder.options(session_id=self.session_id).encode_last_frame.remote(self.session_id)
-                )
+                frame = await svc.decoder.options(session_id=self.session_id).encode_last_frame.remote(self.session_id)
+                new_ref = await asyncio.to_thread(tensor_from_proto, frame)
             async with svc.compute():
                 await asyncio.to_thread(self.session.switch_garment, garment, new_ref, options)
             self.garment_id = p.get("garment_id", self.garment_id)
             self._switch_applied = True
             await svc.persist(self)
+            await svc.record_applied(self, garment_id=self.garment_id)
             if cmd.issued_at:
                 svc.metrics.garment_switch_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         elif cmd.type == CommandType.UPDATE_PROMPT:
             embedding = await svc.encode_prompt(cmd.payload["prompt"])
-            self.session.set_prompt(embedding, cmd.payload["prompt"])
+            async with svc.compute():
+                await asyncio.to_thread(self.session.set_prompt, embedding, cmd.payload["prompt"])
             self.prompt_revision = int(cmd.payload.get("revision", self.prompt_revision + 1))
             self._prompt_applied = True
             await svc.persist(self)
+            await svc.record_applied(self, prompt=cmd.payload["prompt"], prompt_revision=self.prompt_revision)
             if cmd.issued_at:
                 svc.metrics.prompt_update_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         return pending
@@ -132,13 +166,17 @@ class SessionRunner:
             log.warning("session %s: decoder lost its state, restarting decode at chunk %d",
                         self.session_id, pending.index)
             pending.request.reset = True
+            if pending.prime is not None:  # the previous chunk: the new decode state continues it
+                pending.request.prime_latents.CopyFrom(pending.prime)
             resp = await svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(pending.request)
+        self._advance_playback_clock(pending.index)
         if resp.init_segment:
             await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
         if resp.last_frame_png:  # what a rebuilt session continues from
             key = svc.recovery_key(self.session_id, "last")
             await svc.redis.hset(key, mapping={"chunk": pending.index, "png": resp.last_frame_png,
-                                               "frames": resp.first_frame_index + resp.num_frames})
+                                               "frames": resp.first_frame_index + resp.num_frames,
+                                               "played_from": self._playback_start_wall()})
             await svc.redis.expire(key, svc.recovery_ttl_s)
         meta = {
             **pending.meta,
@@ -152,17 +190,37 @@ class SessionRunner:
         }
         await svc.registry.output(self.session_id).append(pending.index, resp.fmp4, meta)
         with contextlib.suppress(Exception):  # a session closing underneath is not an error here
-            await svc.registry.set_state(self.session_id, SessionState.ACTIVE, chunks=pending.index + 1)
+            await svc.registry.set_state(self.session_id, SessionState.ACTIVE, chunks=pending.index + 1,
+                                         frames=resp.first_frame_index + resp.num_frames)
         now = time.monotonic()
         m = svc.metrics
         m.chunk_decode_seconds.observe(resp.timings.total_seconds)
         m.frames_generated_total.inc(resp.num_frames)
         if pending.index == 0:
-            self.playback_start = now
             m.time_to_first_chunk_seconds.observe(now - self.opened_at)
         elif self._last_publish is not None:
             m.inter_chunk_latency_seconds.observe(now - self._last_publish)
         self._last_publish = now
+
+    def _advance_playback_clock(self, k: int) -> None:
+        """The playback clock pacing is measured against: it starts when chunk 0 goes out, and a
+        chunk that goes out after its playback time (a failover, a slow replica) means the
+        player stalled until now, so the clock moves on by that much: later chunks are paced
+        from where playback really is, neither bursting to catch up nor held back."""
+        now = time.monotonic()
+        if k == 0 or self.playback_start is None:
+            if k == 0 or self.service.config.generator.realtime:
+                self.playback_start = now - self._frames_before(k) / self.session.preset.streaming.fps
+            return
+        late = now - (self.playback_start + self._frames_before(k) / self.session.preset.streaming.fps)
+        if late > 0:
+            self.playback_start += late
+
+    def _playback_start_wall(self) -> float:
+        """The playback clock's start as unix time (what a rebuilt session's clock resumes from)."""
+        if self.playback_start is None:
+            return 0.0
+        return time.time() - (time.monotonic() - self.playback_start)
 
     async def _client_index(self) -> int | None:
         """Last chunk index the client received; None once the session ended underneath us."""
@@ -170,6 +228,15 @@ class SessionRunner:
         if record is None or record.is_terminal:
             return None
         return int(record.meta.get("client_index", -1))
+
+    async def _ended_underneath(self) -> bool:
+        """True when the session's record left the open states (a close or the reaper), so an
+        error of a write that lost that race is the session ending, not failing."""
+        try:
+            record = await self.service.registry.get(self.session_id)
+        except Exception:  # noqa: BLE001 - cannot tell: treat as a failure
+            return False
+        return record is None or record.state not in (SessionState.CREATING, SessionState.ACTIVE)
 
     def _ready_time(self, k: int) -> float | None:
         """Monotonic time before which chunk k need not be generated (playback pacing)."""
@@ -222,7 +289,7 @@ class SessionRunner:
                     continue
                 started = time.perf_counter()
                 async with svc.compute():
-                    latents = await asyncio.to_thread(self.session.next_chunk)
+                    latents = await asyncio.to_thread(_wire_result, self.session.next_chunk)  # proto, host bytes
                 gen_s = time.perf_counter() - started
                 svc.metrics.chunk_generation_seconds.observe(gen_s)
                 svc.metrics.chunks_generated_total.inc()
@@ -233,32 +300,56 @@ class SessionRunner:
                     "prompt_update_applied": self._prompt_applied,
                     "generation_seconds": gen_s,
                     "generated_at": time.time(),
+                    "width": self.session.preset.streaming.width,
+                    "height": self.session.preset.streaming.height,
                 }
                 self._switch_applied = self._prompt_applied = False
                 if pending is not None:
                     await self._publish(pending)  # chunk k-1 was decoded while chunk k was generated
                     pending = None
+                restarted = self.restart_decode and k > 0
                 request = decoder_pb2.DecodeChunkRequest(
-                    session_id=self.session_id, chunk_index=k, latents=tensor_to_proto(latents.cpu()),
-                    reset=k == 0 or self.restart_decode, first_frame_index=self.frame_offset,
+                    session_id=self.session_id, chunk_index=k, latents=latents,
+                    reset=k == 0 or self.restart_decode, first_frame_index=self._frames_before(k),
                     return_last_frame_png=svc.config.generator.recovery,
+                    idle_timeout_seconds=self._decoder_idle_timeout_s(),
                 )
+                if restarted and self.prime_latents is not None:  # a rebuilt session: the timeline goes on
+                    request.prime_latents.CopyFrom(self.prime_latents)
+                    self.prime_latents = None
                 self.restart_decode = False
                 response = svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(request)
-                pending = _Pending(k, response, meta, started, request)
+                pending = _Pending(k, response, meta, started, request, prime=self._last_latents)
+                self._last_latents = request.latents
+                if restarted:  # the client has waited out a failover: deliver now, do not overlap
+                    await self._publish(pending)
+                    pending = None
         except asyncio.CancelledError:
             if not self.lease_lost:
                 self.end_reason = "closed"
         except Exception as exc:  # noqa: BLE001 - the session fails, the replica keeps serving
+            if await self._ended_underneath():  # closed / expired while we worked: not a failure
+                log.info("session %s ended while a chunk was in flight (%s)", self.session_id, type(exc).__name__)
+                self.end_reason = "closed"
+                return
             log.exception("session %s failed", self.session_id)
             self.end_reason = "failed"
             with contextlib.suppress(Exception):
                 await svc.registry.set_state(self.session_id, SessionState.FAILED, reason=str(exc)[:200])
         finally:
+            # From here on the session ends exactly once: no cancel may cut the last publish,
+            # the decoder close (which saves the clip) or the registry update.
+            self._finishing = True
             if pending is not None and self.end_reason != "failed" and not self.lease_lost:
-                with contextlib.suppress(Exception):
-                    await self._publish(pending)
-            await svc.finish(self)
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.shield(self._publish(pending))
+            await asyncio.shield(svc.finish(self))
+
+    def _decoder_idle_timeout_s(self) -> float:
+        """How long the decoder keeps this session's state without a chunk: past the session's
+        idle TTL (a paused session ends by then) plus a failover."""
+        redis = self.service.config.redis
+        return float(self.idle_ttl_s or redis.session_idle_ttl_s) + 2 * redis.session_lease_s + 60.0
 
 
 class GeneratorService:
@@ -271,6 +362,8 @@ class GeneratorService:
         self.spec = KVCacheSpec.from_preset(self.engine.preset, self.engine.dtype)
         self.budget = self.config.generator.kv_cache_budget_bytes or self._default_budget()
         self.runners: dict[str, SessionRunner] = {}
+        self._admitting: set[str] = set()  # admitted, runner not registered yet: counted as taken
+        self._recovering: dict[str, asyncio.Task] = {}  # rebuilds in flight, by session id
         self.redis = None
         self.registry: SessionRegistry | None = None
         self._compute_lock: asyncio.Lock | None = None
@@ -280,6 +373,12 @@ class GeneratorService:
         self._gauge_sessions()
         self.health = HealthState("generator")
         self.health.mark_ready()
+        try:  # Serve runs the constructor on the replica's event loop: rebuild orphans from now on,
+            asyncio.get_running_loop()  # not from the first health check or request
+        except RuntimeError:
+            pass  # no loop (a test, a script): started by the first call
+        else:
+            self._start()
 
     def _default_budget(self) -> int:
         if self.engine.device.type == "cuda":
@@ -289,6 +388,10 @@ class GeneratorService:
 
     # ---- plumbing ----------------------------------------------------------------------
     async def _ensure_started(self) -> None:
+        self._start()
+
+    def _start(self) -> None:
+        """Connect and start the maintenance loop (on the running loop); idempotent."""
         if self.registry is None:
             self.redis = connect(self.config.redis)
             self.registry = SessionRegistry(self.redis, self.config.redis)
@@ -310,62 +413,140 @@ class GeneratorService:
     def recovery_ttl_s(self) -> int:
         return int(self.config.redis.session_idle_ttl_s + self.config.redis.terminal_retention_s + 60)
 
+    async def record_applied(self, runner: "SessionRunner", **fields) -> None:
+        """Record what a control command changed (garment, prompt) in the session's record,
+        in the order the commands were applied."""
+        with contextlib.suppress(Exception):  # a session closing underneath is not an error here
+            await self.registry.set_state(runner.session_id, SessionState.ACTIVE, **fields)
+
+    def _try_admit(self, session_id: str) -> bool:
+        """Check capacity and take a slot in one step (no await in between), so concurrent
+        opens and rebuilds never admit more sessions than fit. Release with `_admitting.discard`."""
+        cap = self.capacity()
+        if cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+            return False
+        self._admitting.add(session_id)
+        return True
+
+    def chunks_for_duration(self, seconds: float) -> int:
+        """Chunks to generate for `seconds` of video: the first chunk boundary at or past it."""
+        st = self.engine.preset.streaming
+        k = 1
+        while (1 + 4 * (st.chunk_frames * k - 1)) / st.fps < seconds:
+            k += 1
+        return k
+
     async def persist(self, runner: "SessionRunner") -> None:
         """Save what rebuilding the session elsewhere needs (latents, prompt, seed, options):
         a few latent frames, written at open and after each switch or prompt update."""
         if not self.config.generator.recovery:
             return
-        s = runner.session
-        text, _ = trim_text_embedding(s.text_raw.cpu())
-        state = s.state()
-        state.text = text
-        state.extra = {
+        extra = {
             "tenant": runner.tenant, "garment_id": runner.garment_id, "prompt_revision": runner.prompt_revision,
             "max_chunks": runner.max_chunks, "options": runner.options.__dict__,
         }
-        await self.redis.set(self.recovery_key(runner.session_id, "state"), state.to_bytes(), ex=self.recovery_ttl_s)
+        blob = await asyncio.to_thread(_state_blob, runner.session, extra)  # device->host copies: off the loop
+        await self.redis.set(self.recovery_key(runner.session_id, "state"), blob, ex=self.recovery_ttl_s)
 
     async def _recover(self, session_id: str) -> None:
         """Rebuild an orphaned session (its replica died) here: the last published frame becomes
         the reference, like a switch with withdraw + disentangle, and the stream goes on at the
-        next chunk index with the same noise schedule."""
-        cap = self.capacity()
-        if self.health.draining or cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+        next chunk index with the same noise schedule. A rebuild that fails is retried (here or on
+        another replica) up to `recovery_attempts` times; then the session ends FAILED."""
+        if self.health.draining or not self._try_admit(session_id):
             return
         try:
-            await self.registry.claim(session_id, self.replica_id)
-        except (LeaseHeld, SessionNotFound, SessionClosed):
-            return  # another replica was faster, or the session ended
+            try:
+                await self.registry.claim(session_id, self.replica_id)
+            except (LeaseHeld, SessionNotFound, SessionClosed):
+                return  # another replica was faster, or the session ended
+            try:
+                await self._rebuild(session_id)
+            except Exception as exc:  # noqa: BLE001 - counted; the last try ends the session FAILED
+                await self._rebuild_failed(session_id, exc)
+        finally:
+            self._admitting.discard(session_id)
+
+    async def _rebuild_failed(self, session_id: str, exc: Exception) -> None:
+        attempts_key = self.recovery_key(session_id, "attempts")
+        attempts = int(await self.redis.incr(attempts_key))
+        await self.redis.expire(attempts_key, self.recovery_ttl_s)
+        limit = self.config.generator.recovery_attempts
+        log.warning("session %s: rebuild %d of %d failed: %r", session_id, attempts, limit, exc)
+        if attempts >= limit:
+            reason = f"the session's replica was lost and rebuilding it failed {attempts} times ({type(exc).__name__})"
+            with contextlib.suppress(Exception):
+                await self.registry.set_state(session_id, SessionState.FAILED, reason=reason)
+        with contextlib.suppress(Exception):  # let the next try claim it at once
+            await self.registry.release(session_id, self.replica_id)
+
+    async def _rebuild(self, session_id: str) -> None:
+        """The claimed part of `_recover`: raises when the session cannot be rebuilt."""
         blob = await self.redis.get(self.recovery_key(session_id, "state"))
         if blob is None:
             await self.registry.set_state(session_id, SessionState.FAILED, reason="replica lost; no saved state")
             return
-        saved = EngineState.from_bytes(blob)
+        saved = await asyncio.to_thread(EngineState.from_bytes, blob)  # tensors from bytes: off the loop
         last = await self.redis.hgetall(self.recovery_key(session_id, "last"))
         reference, next_chunk, frames = saved.reference, 0, 0
         if last:
             req = encoder_pb2.EncodeImageRequest(
                 image=common_pb2.ImageInput(data=last[b"png"]), kind=encoder_pb2.IMAGE_KIND_FRAME
             )
-            reference = tensor_from_proto((await self.encoder.EncodeImage.remote(req)).latent)
+            reference = await asyncio.to_thread(tensor_from_proto, (await self.encoder.EncodeImage.remote(req)).latent)
             next_chunk, frames = int(last[b"chunk"]) + 1, int(last[b"frames"])
         session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
                                    rope=self.engine.rope)
-        text = pad_text_embedding(saved.text, self.text_max_length)
+        text = await asyncio.to_thread(pad_text_embedding, saved.text, self.text_max_length)
         async with self.compute():
             await asyncio.to_thread(session.open, reference, saved.garment, text, saved.seed, next_chunk, saved.prompt)
         extra = saved.extra
+        try:  # the rebuild may have outlasted the lease: still ours? (else another replica has it)
+            record = await self.registry.claim(session_id, self.replica_id)
+        except (LeaseHeld, SessionNotFound, SessionClosed):
+            session.close()
+            return
         runner = SessionRunner(
             self, session_id, extra["tenant"], session, extra["garment_id"], SwitchOptions(**extra["options"]),
             max_chunks=int(extra["max_chunks"]), prompt_revision=int(extra["prompt_revision"]),
             control_start=await self.registry.control(session_id).last_acked_id(),
             restart_decode=True, frame_offset=frames,
+            # the decoder re-primes with the last frame: chunk counts and the timeline go on
+            prime_latents=await asyncio.to_thread(tensor_to_proto, reference) if last else None,
+            idle_ttl_s=record.idle_ttl_s,
         )
+        played_from = float(last.get(b"played_from", 0) or 0) if last else 0.0
+        if played_from > 0:  # pacing resumes from the session's playback clock, not from scratch
+            runner.playback_start = time.monotonic() - (time.time() - played_from)
         self.runners[session_id] = runner
         self._gauge_sessions()
         self.metrics.sessions_opened_total.inc()
+        await self.redis.delete(self.recovery_key(session_id, "attempts"))
         log.warning("session %s rebuilt on %s at chunk %d", session_id, self.replica_id, next_chunk)
         runner.task = asyncio.create_task(runner.run())
+
+    async def _recover_quietly(self, session_id: str) -> None:
+        try:
+            with contextlib.suppress(Exception):
+                await self._recover(session_id)
+        finally:
+            self._recovering.pop(session_id, None)
+
+    async def _lease_lost(self, session_id: str, runner: SessionRunner) -> None:
+        """`renew` failed. The session either ended (the lease goes with a terminal state: the
+        runner must still finish it here, decoder close and clip save included), was taken over
+        by another replica (stop serving it and leave its records and decode state alone), or
+        the lease merely lapsed (a stalled loop) and nobody took it: then keep it."""
+        try:
+            await self.registry.claim(session_id, self.replica_id)
+            return  # lapsed, re-taken: still ours
+        except LeaseHeld:
+            runner.lease_lost = True  # lives on elsewhere
+        except (SessionClosed, SessionNotFound):
+            pass  # ended: finish it normally
+        except Exception:  # noqa: BLE001 - Redis hiccup: try again next tick
+            return
+        runner.stop()
 
     async def _maintain(self) -> None:
         """Renew this replica's leases, reap idle sessions (any replica may reap any session) and
@@ -376,38 +557,45 @@ class GeneratorService:
             for sid, runner in list(self.runners.items()):
                 try:
                     await self.registry.renew(sid, self.replica_id)
-                except LeaseLost:  # taken over or finished elsewhere: stop serving it here
-                    runner.lease_lost = True
-                    runner.task.cancel()
+                except LeaseLost:
+                    await self._lease_lost(sid, runner)
                 except Exception:  # noqa: BLE001 - Redis hiccup: try again next tick
                     pass
             with contextlib.suppress(Exception):
                 await self.registry.reap_expired()
             if self.config.generator.recovery:
+                orphans: list[str] = []
                 with contextlib.suppress(Exception):
-                    for sid in await self.registry.orphaned():
-                        await self._recover(sid)
+                    orphans = await self.registry.orphaned()
+                for sid in orphans:  # one session's trouble does not hold up the others
+                    if sid not in self.runners and sid not in self._recovering:
+                        # in the background: a rebuild takes a while, and the leases of this
+                        # replica's own sessions must be renewed meanwhile
+                        self._recovering[sid] = asyncio.create_task(self._recover_quietly(sid))
             await asyncio.sleep(min(cfg.reaper_interval_s, self.config.redis.session_lease_s / 3))
 
     async def encode_garment(self, object_key: str) -> torch.Tensor:
         req = encoder_pb2.EncodeImageRequest(
             image=common_pb2.ImageInput(object_key=object_key), kind=encoder_pb2.IMAGE_KIND_GARMENT
         )
-        return tensor_from_proto((await self.encoder.EncodeImage.remote(req)).latent)
+        return await asyncio.to_thread(tensor_from_proto, (await self.encoder.EncodeImage.remote(req)).latent)
 
     async def encode_prompt(self, prompt: str) -> torch.Tensor:
         resp = await self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=prompt))
-        return pad_text_embedding(tensor_from_proto(resp.embedding), self.text_max_length)
+        return await asyncio.to_thread(
+            lambda: pad_text_embedding(tensor_from_proto(resp.embedding), self.text_max_length)
+        )
 
     # ---- capacity ----------------------------------------------------------------------
     def capacity(self) -> generator_pb2.GeneratorCapacity:
-        used = len(self.runners) * self.spec.bytes
+        taken = len(self.runners) + len(self._admitting - self.runners.keys())
+        used = taken * self.spec.bytes
         return generator_pb2.GeneratorCapacity(
             replica_id=self.replica_id,
             kv_cache_budget_bytes=self.budget,
             kv_cache_bytes=used,
             free_bytes=max(0, self.budget - used),
-            active_sessions=len(self.runners),
+            active_sessions=taken,
             max_sessions=min(self.config.generator.max_sessions, self.budget // max(1, self.spec.bytes)),
             session_kv_cache_bytes=self.spec.bytes,
         )
@@ -421,50 +609,71 @@ class GeneratorService:
     ) -> generator_pb2.GeneratorOpenSessionResponse:
         """Admit a session, run its cond forward and start its loop."""
         await self._ensure_started()
-        cap = self.capacity()
         if self.health.draining:
             self.metrics.rejections_total.inc(tags={"reason": "draining"})
             raise ResourceExhausted("replica is draining", reason="CAPACITY_EXHAUSTED", retry_after_s=1.0)
-        if cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+        st = self.engine.preset.streaming
+        served = self.engine.preset.name
+        requested = str(meta.get("requested_preset") or "")
+        if requested and requested != served:
+            raise InvalidArgument(f"preset {requested!r} is not served here (this deployment runs {served!r})",
+                                  reason="PRESET_UNAVAILABLE", metadata={"preset": requested, "served": served})
+        width, height = state.width or st.width, state.height or st.height  # 0 = the preset's default
+        if (width, height) != (st.width, st.height):
+            raise InvalidArgument(
+                f"resolution {width}x{height} not served (this deployment runs {st.width}x{st.height})",
+                reason="RESOLUTION_UNSUPPORTED",
+            )
+        sid = state.session_id
+        latent_shape = (1, self.engine.preset.dit.in_channels, 1, *self.engine.preset.latent_hw())
+
+        def inputs():  # wire bytes -> tensors (megabytes of text context): off the loop
+            return (tensor_from_proto(state.reference_latent, expected_shape=latent_shape),
+                    tensor_from_proto(state.garment_latent, expected_shape=latent_shape),
+                    pad_text_embedding(tensor_from_proto(state.prompt_embedding), self.text_max_length))
+
+        reference, garment, text = await asyncio.to_thread(inputs)
+        session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
+                                   rope=self.engine.rope)
+        if not self._try_admit(sid):  # capacity check and slot in one step: concurrent opens never overbook
+            cap = self.capacity()
             self.metrics.rejections_total.inc(tags={"reason": "capacity"})
             raise ResourceExhausted(
                 f"generator replica full ({cap.active_sessions} sessions, {cap.free_bytes} bytes free)",
                 reason="CAPACITY_EXHAUSTED",
                 retry_after_s=5.0,
             )
-        st = self.engine.preset.streaming
-        if (state.width, state.height) not in ((0, 0), (st.width, st.height)):
-            raise InvalidArgument(
-                f"resolution {state.width}x{state.height} not served (this deployment runs {st.width}x{st.height})",
-                reason="RESOLUTION_UNSUPPORTED",
-            )
-        sid = state.session_id
-        latent_shape = (1, self.engine.preset.dit.in_channels, 1, *self.engine.preset.latent_hw())
-        reference = tensor_from_proto(state.reference_latent, expected_shape=latent_shape)
-        garment = tensor_from_proto(state.garment_latent, expected_shape=latent_shape)
-        text = pad_text_embedding(tensor_from_proto(state.prompt_embedding), self.text_max_length)
-        session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
-                                   rope=self.engine.rope)
-        await self.registry.create(sid, tenant, self.replica_id, meta, idle_ttl_s=meta.get("idle_ttl_s"))
+        try:
+            await self.registry.create(sid, tenant, self.replica_id, meta, idle_ttl_s=meta.get("idle_ttl_s"))
+        except BaseException:
+            self._admitting.discard(sid)
+            raise
         started = time.perf_counter()
         try:
             async with self.compute():
                 await asyncio.to_thread(session.open, reference, garment, text, int(state.seed), 0, state.prompt)
-        except Exception:
-            await self.registry.set_state(sid, SessionState.FAILED, reason="open failed")
+        except BaseException:
+            self._admitting.discard(sid)
+            with contextlib.suppress(Exception):
+                await self.registry.set_state(sid, SessionState.FAILED, reason="open failed")
             raise
         cond_s = time.perf_counter() - started
+        max_chunks = min(int(meta.get("max_chunks") or 0) or self.config.generator.max_chunks_per_session,
+                         self.config.generator.max_chunks_per_session)
+        if float(meta.get("max_duration_seconds") or 0) > 0:  # video seconds, ended at a chunk boundary
+            max_chunks = min(max_chunks, self.chunks_for_duration(float(meta["max_duration_seconds"])))
         runner = SessionRunner(
             self, sid, tenant, session, state.garment_id,
             switch_options_from_proto(state.switch_options),
-            max_chunks=min(int(meta.get("max_chunks") or 0) or self.config.generator.max_chunks_per_session,
-                           self.config.generator.max_chunks_per_session),
+            max_chunks=max_chunks,
         )
         self.runners[sid] = runner
+        self._admitting.discard(sid)
         self._gauge_sessions()
         self.metrics.sessions_opened_total.inc()
         await self.registry.set_state(
-            sid, SessionState.ACTIVE, width=st.width, height=st.height, fps=st.fps, preset=self.engine.preset.name
+            sid, SessionState.ACTIVE, width=st.width, height=st.height, fps=st.fps, preset=self.engine.preset.name,
+            max_chunks=max_chunks,
         )
         await self.persist(runner)
         runner.task = asyncio.create_task(runner.run())
@@ -483,14 +692,28 @@ class GeneratorService:
         reason = runner.end_reason if runner.end_reason in ("failed", "expired") else "closed"
         self.metrics.sessions_closed_total.inc(tags={"reason": reason})
         save_key = f"clips/{runner.tenant}/{runner.session_id}.mp4" if self.config.generator.save_clips else None
-        with contextlib.suppress(Exception):
+        try:  # frees the decode state and stores the clip; a failure must not keep the record open
             await self.decoder.options(session_id=runner.session_id).CloseSession.remote(
                 decoder_pb2.DecoderCloseSessionRequest(session_id=runner.session_id), save_key=save_key
             )
+        except Exception:  # noqa: BLE001
+            log.warning("session %s: decoder close failed (clip %s not saved)", runner.session_id, save_key,
+                        exc_info=True)
         with contextlib.suppress(Exception):
             if runner.end_reason != "failed":
-                await self.registry.close(runner.session_id, reason=runner.end_reason)
+                await self._end_record(runner)
             await self.registry.release(runner.session_id, self.replica_id)
+
+    async def _end_record(self, runner: SessionRunner) -> None:
+        """A session that reached its max_chunks / max_duration_seconds ends EXPIRED (the
+        server ended it); every other end is a close."""
+        if runner.end_reason == "max_chunks":
+            try:
+                await self.registry.set_state(runner.session_id, SessionState.EXPIRED, reason="max_chunks")
+                return
+            except InvalidTransition:  # a close got there first
+                pass
+        await self.registry.close(runner.session_id, reason=runner.end_reason)
 
     async def CloseSession(self, request: generator_pb2.GeneratorCloseSessionRequest):
         await self._ensure_started()
@@ -499,7 +722,7 @@ class GeneratorService:
             raise FailedPrecondition(f"session {request.session_id} is not on this replica",
                                      reason="SESSION_NOT_ON_REPLICA")
         chunks = runner.session.chunk_index
-        runner.task.cancel()
+        runner.stop()
         with contextlib.suppress(asyncio.CancelledError):
             await runner.task
         return generator_pb2.GeneratorCloseSessionResponse(
@@ -525,7 +748,7 @@ class GeneratorService:
         while self.runners and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
         for runner in list(self.runners.values()):
-            runner.task.cancel()
+            runner.stop()
         await asyncio.gather(*(r.task for r in list(self.runners.values())), return_exceptions=True)
 
     async def check_health(self) -> None:

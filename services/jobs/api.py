@@ -6,7 +6,8 @@ frozen specs, errors as ServiceError mapped by `_unary` (unary calls) or like St
 (the WatchJobs stream), other tenants' jobs indistinguishable from missing ones.
 
 Host contract (what StudioService provides): `config` (AppConfig: redis, storage),
-`limits` (studio Limits), `store`, `catalog`, `_tenant(grpc_context, metadata)`,
+`limits` (studio Limits), `store`, `catalog`, `blocking` (a `BlockingPool`: image decoding
+and hashing run there, off the event loop), `_tenant(grpc_context, metadata)`,
 `_unary(grpc_context, method, empty, body)`. The host sets `jobs_config` (default
 `JobsConfig()`), e.g. `self.jobs_config = self.config.jobs`.
 """
@@ -107,7 +108,7 @@ class JobsApi:
         if ident in cache:
             return cache[ident]
         if ref.data is not None:
-            key = upload_key(tenant, ref.data)
+            key = await self.blocking.run(upload_key, tenant, ref.data)  # hashes up to max_image_bytes
             await asyncio.to_thread(self.store.put_bytes_if_absent, key, ref.data, ref.content_type)
         elif ref.catalog_id is not None:
             for owner in (tenant, "public"):
@@ -142,7 +143,8 @@ class JobsApi:
     async def SubmitClips(self, request, grpc_context=None, metadata=None) -> studio_pb2.SubmitClipsResponse:
         async def body():
             tenant = self._tenant(grpc_context, metadata)
-            clips = parse_submit_clips(request, self.limits, self.jobs_config, tenant=tenant)
+            # decodes every uploaded image: off the event loop
+            clips = await self.blocking.run(parse_submit_clips, request, self.limits, self.jobs_config, tenant=tenant)
             cache: dict = {}
             specs = [await self._clip_spec(clip, i, tenant, cache) for i, clip in enumerate(clips)]
             try:
@@ -150,7 +152,7 @@ class JobsApi:
             except IdempotencyConflict as e:
                 raise AlreadyExists(
                     f"clips[{e.index}].idempotency_key: already used for a different clip spec (job {e.job_id}); "
-                    "use a new key for a new clip",
+                    "use a new key for a new clip", reason="IDEMPOTENCY_KEY_REUSED",
                     metadata={"index": e.index, "field": f"clips[{e.index}].idempotency_key", "job_id": e.job_id},
                 ) from None
             return studio_pb2.SubmitClipsResponse(jobs=[job_proto(s.record, created=s.created) for s in submitted])

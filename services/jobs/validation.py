@@ -205,4 +205,4 @@ def parse_watch_jobs(req: studio_pb2.WatchJobsRequest, jobs: JobsConfig) -> list
 
 
 def _invalid(field_name: str, problem: str, **metadata: object) -> NoReturn:
-    raise InvalidArgument(f"{field_name}: {problem}", metadata={"field": field_name, **metadata})
+    raise InvalidArgument(f"{field_name}: {problem}", reason="FIELD_INVALID", metadata={"field": field_name, **metadata})

@@ -74,7 +74,7 @@ class ApiKeyAuth:
             if hmac.compare_digest(digest, presented):
                 tenant = owner
         if tenant is None:
-            raise Unauthenticated("unknown API key")
+            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
         return tenant
 
     def tenant_from_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
@@ -90,17 +90,17 @@ class ApiKeyAuth:
             if lname not in (API_KEY_HEADER, AUTHORIZATION_HEADER):
                 continue
             if not isinstance(value, str):
-                raise Unauthenticated(f"malformed {lname} metadata: expected text")
+                raise Unauthenticated(f"malformed {lname} metadata: expected text", reason="API_KEY_INVALID")
             if lname == AUTHORIZATION_HEADER:
                 scheme, _, token = value.strip().partition(" ")
                 if scheme.lower() != "bearer" or not token.strip():
-                    raise Unauthenticated("malformed authorization metadata: expected 'Bearer <key>'")
+                    raise Unauthenticated("malformed authorization metadata: expected 'Bearer <key>'", reason="API_KEY_INVALID")
                 keys.add(token.strip())
             else:
                 keys.add(value.strip())
         if not keys or keys == {""}:
-            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' or 'x-api-key' metadata")
+            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' or 'x-api-key' metadata", reason="API_KEY_INVALID")
         if len(keys) > 1:
-            raise Unauthenticated("conflicting API keys in authorization and x-api-key metadata")
+            raise Unauthenticated("conflicting API keys in authorization and x-api-key metadata", reason="API_KEY_INVALID")
         return self.tenant_for_key(keys.pop())
 

@@ -7,6 +7,9 @@ gateway needs to know about them is in Redis (registry, control stream, output s
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import json
 import logging
 import secrets
 import time
@@ -17,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fashionchameleon.v1 import common_pb2, encoder_pb2, generator_pb2, studio_pb2
 from services.common.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     NotFound,
@@ -27,12 +31,15 @@ from services.common.errors import (
     as_service_error,
     unwrap_remote,
 )
+from services.common.offload import IMAGE_DECODE_WORKERS, BlockingPool
 from services.jobs.api import JobsApi
 from services.studio.auth import ApiKeyAuth
+from services.studio.wire import MalformedRequest, malformed_error
 from services.studio.validation import (
     Limits,
     new_session_id,
     parse_create_session,
+    parse_request_id,
     parse_stream_session,
     parse_switch_garment,
     parse_update_prompt,
@@ -43,6 +50,7 @@ from shared.queue import (
     ChunkExpired,
     CommandType,
     ControlCommand,
+    RequestReused,
     SessionClosed,
     SessionNotFound,
     SessionRegistry,
@@ -80,7 +88,7 @@ class StudioService(JobsApi):
         self.jobs_worker = jobs
         self.generator = generator
         self.encoder = encoder
-        self.auth = ApiKeyAuth(self.config.auth.key_to_tenant())
+        self.auth = ApiKeyAuth.from_digests(self.config.auth.digest_to_tenant())  # the config holds digests only
         lim = self.config.limits
         self.limits = Limits(
             max_image_bytes=lim.max_image_bytes,
@@ -90,6 +98,7 @@ class StudioService(JobsApi):
         )
         self.store = open_store(self.config.storage)
         self.catalog = GarmentCatalog(self.store)
+        self.blocking = BlockingPool(IMAGE_DECODE_WORKERS, "studio-images")  # image decoding, off the event loop
         self.redis = None
         self.registry: SessionRegistry | None = None
         self.metrics = Metrics.create("auto")
@@ -144,7 +153,7 @@ class StudioService(JobsApi):
     async def _object_key(self, ref, tenant: str) -> tuple[str, str]:
         """(object key, garment/image id) for an ImageRef; uploads are stored content-addressed."""
         if ref.data is not None:
-            key = upload_key(tenant, ref.data)
+            key = await self.blocking.run(upload_key, tenant, ref.data)  # hashes up to max_image_bytes
             await asyncio.to_thread(self.store.put_bytes_if_absent, key, ref.data)
             return key, ref.garment_id
         if ref.catalog_id is not None:
@@ -182,7 +191,9 @@ class StudioService(JobsApi):
             seed=int(meta.get("seed", 0)),
             prompt=str(meta.get("prompt", "")),
             prompt_revision=int(meta.get("prompt_revision", 0)),
-            error_message=(record.reason or "") if record.state == SessionState.FAILED else "",
+            options=_session_options(meta, record.idle_ttl_s),
+            frames_generated=int(meta.get("frames", 0)),
+            error_message=(record.reason or "") if record.state in (SessionState.FAILED, SessionState.EXPIRED) else "",
         )
 
     # ---- HTTP: health probes (Ray Serve routes HTTP on the app's prefix here) ----------
@@ -196,44 +207,70 @@ class StudioService(JobsApi):
         self.health.check_health()
 
     # ---- CreateSession -----------------------------------------------------------------
-    async def _idempotent(self, tenant: str, request_id: str | None, create: Callable[[], Awaitable[str]]) -> str:
-        """Run `create` once per (tenant, request_id); a retry gets the first call's session id."""
+    async def _idempotent(
+        self, tenant: str, request_id: str | None, create: Callable[[], Awaitable[str]], fingerprint: str = ""
+    ) -> str:
+        """Run `create` once per (tenant, request_id); a retry gets the first call's session id.
+        A request_id reused with another request body (`fingerprint`) is ALREADY_EXISTS."""
         if request_id is None:
             return await create()
         key = f"{self.config.redis.namespace}:idem:{tenant}:{request_id}"
-        if await self.redis.set(key, b"pending", nx=True, ex=600):
+        pending = json.dumps({"fp": fingerprint, "pending": True}).encode()
+        if await self.redis.set(key, pending, nx=True, ex=600):
             try:
                 session_id = await create()
             except BaseException:
                 await self.redis.delete(key)
                 raise
-            await self.redis.set(key, session_id.encode(), ex=24 * 3600)
+            await self.redis.set(key, json.dumps({"fp": fingerprint, "session_id": session_id}).encode(),
+                                 ex=24 * 3600)
             return session_id
         for _ in range(200):  # the first call is still creating: wait for its answer
             value = await self.redis.get(key)
             if value is None:
-                return await self._idempotent(tenant, request_id, create)  # it failed; try ourselves
-            if value != b"pending":
-                return value.decode()
+                return await self._idempotent(tenant, request_id, create, fingerprint)  # it failed; try ourselves
+            first = _idempotency_value(value)
+            if first.get("fp", fingerprint) != fingerprint:
+                raise AlreadyExists(
+                    "request_id: already used for a different CreateSession request; use a new request_id",
+                    reason="IDEMPOTENCY_KEY_REUSED", metadata={"field": "request_id"},
+                )
+            if first.get("session_id"):
+                return first["session_id"]
             await asyncio.sleep(0.1)
         raise DeadlineExceeded("an earlier request with this request_id is still being processed", retry_after_s=1.0)
 
     async def CreateSession(self, request, grpc_context=None, metadata=None) -> studio_pb2.Session:
         async def body():
             tenant = self._tenant(grpc_context, metadata)
-            spec = parse_create_session(request, self.limits, tenant=tenant)
+            spec = await self.blocking.run(parse_create_session, request, self.limits, tenant=tenant)  # decodes images
             registry = self._registry()
-            session_id = await self._idempotent(tenant, spec.request_id, lambda: self._create(tenant, spec, request))
+            session_id = await self._idempotent(tenant, spec.request_id, lambda: self._create(tenant, spec, request),
+                                                _create_fingerprint(spec, request))
             return self._session_proto(await registry.get(session_id))
 
         return await self._unary(grpc_context, "CreateSession", studio_pb2.Session, body)
 
     async def _create(self, tenant: str, spec, request) -> str:
-        """Store and encode the inputs, then open the session on a generator replica with room."""
+        """Reserve one of the tenant's session slots (atomically: concurrent creates never exceed
+        the quota), then create; the slot is given back if the create fails."""
         registry = self._registry()
-        if await registry.count_active(tenant) >= self.config.limits.max_sessions_per_tenant:
-            raise ResourceExhausted("too many open sessions for this tenant", reason="QUOTA_EXCEEDED",
-                                    retry_after_s=10.0)
+        quota = self.config.limits.max_sessions_per_tenant
+        reservation = f"r-{secrets.token_hex(8)}"
+        if not await registry.reserve_quota(tenant, reservation, quota):
+            raise ResourceExhausted(f"too many open sessions for this tenant (quota {quota})", reason="QUOTA_EXCEEDED",
+                                    metadata={"quota": quota}, retry_after_s=10.0)
+        try:
+            session_id = await self._create_reserved(tenant, spec, request)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await registry.release_quota(tenant, reservation)
+            raise
+        await registry.hold_quota(tenant, reservation, session_id)
+        return session_id
+
+    async def _create_reserved(self, tenant: str, spec, request) -> str:
+        """Store and encode the inputs, then open the session on a generator replica with room."""
         (ref_key, _), (garment_key, garment_id) = await asyncio.gather(
             self._object_key(spec.reference, tenant), self._object_key(spec.garment, tenant)
         )
@@ -252,6 +289,9 @@ class StudioService(JobsApi):
         meta = {
             "garment_id": garment_id, "prompt": spec.prompt, "seed": seed, "prompt_revision": 0,
             "max_chunks": spec.options.max_chunks, "reference_key": ref_key, "garment_key": garment_key,
+            "max_duration_seconds": spec.options.max_duration_seconds or 0.0,
+            "requested_preset": spec.options.preset or "",
+            "switch_options": spec.options.switch.explicit(),
         }
         if spec.options.idle_timeout_seconds:
             meta["idle_ttl_s"] = spec.options.idle_timeout_seconds
@@ -281,11 +321,17 @@ class StudioService(JobsApi):
             record = await self._session_for(session_id, tenant)
             registry = self._registry()
             output = registry.output(session_id)
+            bounds = await output.bounds()
+            if resume > bounds.next_index:  # a chunk that does not exist yet (or ever, once ended)
+                raise OutOfRange(
+                    f"resume_from_index {resume} is past the end of the stream (next index {bounds.next_index})",
+                    reason="RESUME_PAST_END", metadata={"next_index": bounds.next_index},
+                )
             first = True
             index = resume
             try:
                 async for chunk in output.iterate(resume):
-                    msg = self._chunk_proto(session_id, chunk)
+                    msg = self._chunk_proto(session_id, chunk, record)
                     if first and not chunk.meta.get("init_included", False):
                         init = await self.redis.get(f"{self.config.redis.namespace}:session:{{{session_id}}}:init")
                         if init:
@@ -300,6 +346,9 @@ class StudioService(JobsApi):
             except StreamEnded:
                 pass
             record = await registry.get(session_id) or record
+            ended = await output.bounds()
+            if ended.end_reason is not None:
+                index = ended.next_index  # the marker's index: the number of chunks generated
             yield studio_pb2.VideoChunk(
                 session_id=session_id, index=index, end_of_stream=True, end_state=_STATES[record.state]
             )
@@ -312,8 +361,9 @@ class StudioService(JobsApi):
             abort_context(grpc_context, err)
             raise err from exc
 
-    def _chunk_proto(self, session_id: str, chunk) -> studio_pb2.VideoChunk:
+    def _chunk_proto(self, session_id: str, chunk, record=None) -> studio_pb2.VideoChunk:
         m = chunk.meta
+        session_meta = record.meta if record is not None else {}
         fps = float(m.get("fps") or 24)
         first_frame = int(m.get("first_frame_index", 0))
         msg = studio_pb2.VideoChunk(
@@ -332,6 +382,8 @@ class StudioService(JobsApi):
             is_init_segment_included=bool(m.get("init_included", False)),
             generation_latency_seconds=float(m.get("generation_seconds", 0.0)),
             mime_type=str(m.get("mime_type", "")),
+            width=int(m.get("width") or session_meta.get("width") or 0),
+            height=int(m.get("height") or session_meta.get("height") or 0),
         )
         if "generated_at" in m:
             msg.generated_at.CopyFrom(_ts(float(m["generated_at"])))
@@ -347,24 +399,35 @@ class StudioService(JobsApi):
             pass
 
     # ---- SwitchGarment / UpdatePrompt ----------------------------------------------------
-    async def _send_command(self, session_id: str, command: ControlCommand) -> int:
+    async def _send_command(
+        self, session_id: str, command: ControlCommand, *, request_id: str | None = None, fingerprint: str = "",
+        assign_revision: bool = False,
+    ) -> tuple[int, int | None]:
+        """Publish `command` once per request_id and wait until it is applied: (effective chunk
+        index, assigned prompt revision). A retry of a request_id gets the first call's answer."""
         control = self._registry().control(session_id)
         try:
-            command_id = await control.send(command)
+            sent = await control.send_once(command, request_id=request_id, fingerprint=fingerprint,
+                                           assign_revision=assign_revision)
         except SessionClosed:
             raise FailedPrecondition(f"session {session_id} is closed", reason="SESSION_NOT_ACTIVE") from None
-        effective = await control.wait_result(command_id, self.config.limits.switch_timeout_s)
+        except RequestReused:
+            raise AlreadyExists(
+                "request_id: already used on this session for a different request; use a new request_id",
+                reason="IDEMPOTENCY_KEY_REUSED", metadata={"field": "request_id"},
+            ) from None
+        effective = await control.wait_result(sent.command_id, self.config.limits.switch_timeout_s)
         if effective is None:
             raise DeadlineExceeded(
                 f"the command was queued but not applied within {self.config.limits.switch_timeout_s:.0f} s; "
                 "it applies when the session resumes", reason="SESSION_NOT_ACTIVE", retry_after_s=1.0,
             )
-        return effective
+        return effective, sent.revision
 
     async def SwitchGarment(self, request, grpc_context=None, metadata=None) -> studio_pb2.SwitchGarmentResponse:
         async def body():
             tenant = self._tenant(grpc_context, metadata)
-            spec = parse_switch_garment(request, self.limits, tenant=tenant)
+            spec = await self.blocking.run(parse_switch_garment, request, self.limits, tenant=tenant)  # decodes
             await self._session_for(spec.session_id, tenant)
             key, garment_id = await self._object_key(spec.garment, tenant)
             await self._encode_image(key, encoder_pb2.IMAGE_KIND_GARMENT)  # validates now, warms the cache
@@ -374,12 +437,11 @@ class StudioService(JobsApi):
                 for name, value in (("refresh", sw.refresh), ("withdraw", sw.withdraw), ("disentangle", sw.disentangle))
                 if value is not None
             }
-            effective = await self._send_command(
-                spec.session_id,
-                ControlCommand(type=CommandType.SWITCH_GARMENT,
-                               payload={"garment_key": key, "garment_id": garment_id, "options": options}),
+            payload = {"garment_key": key, "garment_id": garment_id, "options": options}
+            effective, _ = await self._send_command(  # the generator records the applied garment
+                spec.session_id, ControlCommand(type=CommandType.SWITCH_GARMENT, payload=payload),
+                request_id=spec.request_id, fingerprint=_digest(payload),
             )
-            await self._registry().set_state(spec.session_id, SessionState.ACTIVE, garment_id=garment_id)
             return studio_pb2.SwitchGarmentResponse(effective_chunk_index=effective, garment_id=garment_id)
 
         return await self._unary(grpc_context, "SwitchGarment", studio_pb2.SwitchGarmentResponse, body)
@@ -390,12 +452,13 @@ class StudioService(JobsApi):
             session_id, prompt = parse_update_prompt(request, self.limits)
             await self._session_for(session_id, tenant)
             await self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=prompt))  # validate, warm
-            revision = int(await self.redis.incr(f"{self.config.redis.namespace}:session:{{{session_id}}}:prompt_rev"))
-            effective = await self._send_command(
-                session_id,
-                ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": prompt, "revision": revision}),
+            # The revision is assigned and the command published in one step (revision order is
+            # stream order); the generator records the applied prompt and revision.
+            effective, revision = await self._send_command(
+                session_id, ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": prompt}),
+                request_id=parse_request_id(request.request_id, self.limits), fingerprint=_digest({"prompt": prompt}),
+                assign_revision=True,
             )
-            await self._registry().set_state(session_id, SessionState.ACTIVE, prompt=prompt, prompt_revision=revision)
             return studio_pb2.UpdatePromptResponse(effective_chunk_index=effective, prompt_revision=revision)
 
         return await self._unary(grpc_context, "UpdatePrompt", studio_pb2.UpdatePromptResponse, body)
@@ -432,3 +495,104 @@ def _rejection(err: ServiceError) -> str | None:
     if err.reason in _REASON_REJECTIONS:
         return _REASON_REJECTIONS[err.reason]
     return {"UNAUTHENTICATED": "auth", "INVALID_ARGUMENT": "invalid"}.get(err.code.name)
+
+
+# ---- request fingerprints, resolved options ----------------------------------------------------
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _image_fingerprint(ref) -> str:
+    if ref.data is not None:
+        return f"data:{ref.sha256}"
+    return f"catalog:{ref.catalog_id}" if ref.catalog_id is not None else f"key:{ref.object_key}"
+
+
+def _create_fingerprint(spec, request) -> str:
+    """What a CreateSession asks for, without its request_id (uploads by content hash)."""
+    return _digest({
+        "reference": _image_fingerprint(spec.reference), "garment": _image_fingerprint(spec.garment),
+        "prompt": spec.prompt, "options": request.options.SerializeToString(deterministic=True).hex(),
+    })
+
+
+def _idempotency_value(value: bytes) -> dict:
+    """The stored answer of a CreateSession request_id (older writers stored the bare session id)."""
+    if value.startswith(b"{"):
+        return json.loads(value)
+    if value == b"pending":
+        return {}
+    return {"session_id": value.decode()}
+
+
+def _session_options(meta: dict, idle_timeout_s: float) -> common_pb2.SessionOptions:
+    """Session.options: what the session runs with, defaults filled in."""
+    opts = common_pb2.SessionOptions(
+        seed=int(meta.get("seed", 0)),
+        max_chunks=int(meta.get("max_chunks", 0)),
+        max_duration_seconds=float(meta.get("max_duration_seconds") or 0.0),
+        width=int(meta.get("width", 0)),
+        height=int(meta.get("height", 0)),
+        preset=str(meta.get("preset", "")),
+        idle_timeout_seconds=float(idle_timeout_s),
+    )
+    explicit = meta.get("switch_options") or {}
+    for name in ("refresh_garment_kv", "withdraw_history_kv", "disentangle_reference_kv"):
+        setattr(opts.switch_options, name, bool(explicit.get(name, True)))
+    return opts
+
+
+# ---- request bytes that did not parse (services/studio/wire.py) ----------------------------------
+
+
+def _refusing_malformed(name: str, method: Callable, empty: Callable[[], Any], streaming: bool) -> Callable:
+    """`method`, answering a MalformedRequest with INVALID_ARGUMENT / REQUEST_MALFORMED after
+    authenticating the caller like any request."""
+    import functools
+
+    if streaming:
+        @functools.wraps(method)
+        async def stream(self, request, grpc_context=None, metadata=None):
+            if isinstance(request, MalformedRequest):
+                started = time.perf_counter()
+                try:
+                    self._tenant(grpc_context, metadata)
+                    err = malformed_error(request)
+                except ServiceError as e:
+                    err = e
+                self._count(name, started, err)
+                if grpc_context is not None:
+                    abort_context(grpc_context, err)
+                raise err
+            async for message in method(self, request, grpc_context, metadata):
+                yield message
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, grpc_context=None, metadata=None):
+        if isinstance(request, MalformedRequest):
+            async def body():
+                self._tenant(grpc_context, metadata)
+                raise malformed_error(request)
+
+            return await self._unary(grpc_context, name, empty, body)
+        return await method(self, request, grpc_context, metadata)
+
+    return unary
+
+
+def _guard_rpcs(cls: type) -> None:
+    from google.protobuf import message_factory
+
+    for rpc in studio_pb2.DESCRIPTOR.services_by_name["Studio"].methods:
+        method = getattr(cls, rpc.name, None)
+        if method is None:
+            continue
+        empty = message_factory.GetMessageClass(rpc.output_type)
+        setattr(cls, rpc.name, _refusing_malformed(rpc.name, method, empty, rpc.server_streaming))
+
+
+_guard_rpcs(StudioService)

@@ -421,4 +421,4 @@ def _bad_image(field_name: str, problem: str) -> NoReturn:
 
 
 def _invalid(field_name: str, problem: str, **metadata: object) -> NoReturn:
-    raise InvalidArgument(f"{field_name}: {problem}", metadata={"field": field_name, **metadata})
+    raise InvalidArgument(f"{field_name}: {problem}", reason="FIELD_INVALID", metadata={"field": field_name, **metadata})

@@ -11,7 +11,8 @@ Layout: ``ftyp moov(mvhd trak mvex)`` init segment, then one ``moof(mfhd traf(tf
 mdat`` per chunk; tfhd uses default-base-is-moof (needs the ``iso6`` brand). Samples are
 length-prefixed NAL units (avcC, 4-byte lengths); SPS/PPS are moved into the avcC box. Every
 chunk starts with a forced IDR frame and contains no other keyframe. Frame ``i`` has decode and
-presentation time ``i / fps``. Odd frame sizes are padded to even (see ``video.pad_to_even``).
+presentation time ``(start_frame + i) / fps`` (``start_frame`` lets a muxer that replaces another
+mid-stream, after a decoder reset, continue the timeline). Odd frame sizes are padded to even (see ``video.pad_to_even``).
 """
 
 from __future__ import annotations
@@ -111,7 +112,13 @@ class FragmentedMp4Muxer:
         fps: float | Fraction = 24,
         crf: int = 23,
         preset: str = "veryfast",
+        *,
+        start_frame: int = 0,
+        start_sequence: int = 0,
     ) -> None:
+        """``start_frame``: index of the first frame in the stream's timeline (a muxer that takes
+        over mid-stream continues the decode times: tfdt = frame index / fps).
+        ``start_sequence``: fragments already written (mfhd sequence numbers continue after it)."""
         if width <= 0 or height <= 0:
             raise ValueError(f"bad frame size {width}x{height}")
         self.width, self.height = width, height
@@ -120,9 +127,12 @@ class FragmentedMp4Muxer:
         scale = 1 if self.fps.numerator >= 1000 else 1000
         self.timescale = self.fps.numerator * scale
         self.sample_duration = self.fps.denominator * scale
+        if start_frame < 0 or start_sequence < 0:
+            raise ValueError(f"bad start_frame {start_frame} / start_sequence {start_sequence}")
         self.frames_in = 0
+        self.start_frame = int(start_frame)
         self._samples_out = 0
-        self._sequence = 0
+        self._sequence = int(start_sequence)
         self._init_sent = False
         self._closed = False
         self._sps: bytes | None = None
@@ -245,7 +255,7 @@ class FragmentedMp4Muxer:
         mfhd = _full_box(b"mfhd", 0, 0, struct.pack(">I", self._sequence))
         # default-base-is-moof | default-sample-duration
         tfhd = _full_box(b"tfhd", 0, 0x020008, struct.pack(">II", _TRACK_ID, self.sample_duration))
-        tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", self._samples_out * self.sample_duration))
+        tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", (self.start_frame + self._samples_out) * self.sample_duration))
         entries = b"".join(
             struct.pack(">II", len(data), _SYNC_FLAGS if key else _NON_SYNC_FLAGS) for data, key in samples
         )

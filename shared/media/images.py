@@ -15,6 +15,7 @@ Sizes are (height, width) in pixels in arguments; PIL's own `.size` is (width, h
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 import zlib
@@ -53,7 +54,7 @@ def load_image(
         except Image.UnidentifiedImageError:
             raise ImageError(f"not a supported image (allowed formats: {', '.join(ALLOWED_FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image refused as a decompression bomb: {e}") from None
+            raise ImageError(_bomb_message(e, max_pixels)) from None
         except _DECODE_ERRORS as e:
             raise ImageError(f"corrupt image header: {e}") from None
 
@@ -67,7 +68,7 @@ def load_image(
             img.seek(0)  # first frame of animated GIF / multi-page TIFF
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise ImageError(f"image refused as a decompression bomb: {e}") from None
+            raise ImageError(_bomb_message(e, max_pixels)) from None
         except _DECODE_ERRORS as e:
             raise ImageError(f"corrupt or truncated {img.format} image: {e}") from None
 
@@ -76,6 +77,13 @@ def load_image(
     except _DECODE_ERRORS:
         pass  # unreadable EXIF: keep the pixels as stored
     return _to_rgb(img)
+
+
+def _bomb_message(error: Exception, max_pixels: int) -> str:
+    """PIL refused the header (over its own, larger bomb limit): say so with *our* limit."""
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(found.group(1))} pixels" if found else "too many pixels"
+    return f"image has {size}, over the limit of {max_pixels}"
 
 
 def _read_bytes(source: str | Path | bytes, max_bytes: int) -> bytes:

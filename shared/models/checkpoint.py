@@ -36,6 +36,22 @@ class CheckpointError(ValueError):
 
 ALL_PARTS = frozenset({"dit", "vae", "text_encoder"})
 
+# The toy try-on model trained by `fashionchameleon train toy` ships in the repository; commands
+# without --checkpoint / --preset use it. FASHIONCHAMELEON_DEFAULT_CHECKPOINT points elsewhere.
+DEFAULT_CHECKPOINT_ENV = "FASHIONCHAMELEON_DEFAULT_CHECKPOINT"
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parents[2] / "checkpoints" / "toy"
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint folder used when none is named: $FASHIONCHAMELEON_DEFAULT_CHECKPOINT or checkpoints/toy."""
+    import os
+
+    env = os.environ.get(DEFAULT_CHECKPOINT_ENV)
+    path = Path(env) if env else SHIPPED_CHECKPOINT
+    if not (path / STREAMING_CONFIG).is_file():
+        raise CheckpointError(f"the default checkpoint {path} is missing; pass --checkpoint DIR or --preset NAME")
+    return path
+
 
 @dataclass
 class Components:

@@ -249,6 +249,39 @@ PRESETS: dict[str, Preset] = {
         ),
         streaming=StreamingConfig(height=96, width=128),
     ),
+    # The toy try-on world's model (shared/toyworld): trained end to end on a 2-core CPU by
+    # `fashionchameleon train toy`, shipped in checkpoints/toy and used by default. Portrait 96x160
+    # (examples/person.png's aspect), an 8x VAE (one downsampling stage fewer than Wan2.2's 16x,
+    # causal 4x temporal compression kept) so a DiT token covers 16x16 pixels. Training clips are
+    # 12 latent frames (45 pixel frames): cond 2 + sink 3 + window 6 + chunk 3 = 14 = 2 + 12.
+    "toy": Preset(
+        name="toy",
+        dit=DiTConfig(
+            num_attention_heads=4,
+            attention_head_dim=32,
+            in_channels=16,
+            out_channels=16,
+            text_dim=64,
+            freq_dim=64,
+            ffn_dim=512,
+            num_layers=4,
+        ),
+        vae=VAEConfig(
+            base_dim=16,
+            decoder_base_dim=16,
+            z_dim=16,
+            dim_mult=(1, 2, 2),
+            num_res_blocks=1,
+            temperal_downsample=(True, True),
+            latents_mean=tuple(0.0 for _ in range(16)),
+            latents_std=tuple(1.0 for _ in range(16)),
+            scale_factor_spatial=8,
+        ),
+        text_encoder=TextEncoderConfig(
+            d_model=64, d_ff=128, d_kv=32, num_layers=2, num_heads=2, max_length=160, tokenizer="byte", **_SMALL_TEXT
+        ),
+        streaming=StreamingConfig(height=160, width=96, max_cache_frames=9),
+    ),
     # In between: enough depth and width to profile kernels and cache traffic on a laptop GPU.
     "small": Preset(
         name="small",

@@ -11,6 +11,9 @@ Layout (namespace `fc`, session `abc`):
     fc:index:live                    zset    live session ids, score = idle deadline (unix s)
     fc:index:replica:<replica>       set     live session ids held by a replica
     fc:index:tenant:<tenant>         set     live session ids of a tenant
+    fc:session:{abc}:request:<h>     hash    idempotency record of a control request_id
+    fc:session:{abc}:prompt_rev      string  last assigned prompt revision
+    fc:quota:tenant:<tenant>         zset    quota reservations, score = deadline (+inf: held)
 
 The `{session_id}` hash tag puts all of a session's keys on one Redis Cluster slot, so the
 Lua scripts that keep them consistent touch a single slot. The index keys are global and
@@ -20,6 +23,7 @@ by readers and the reaper (see sessions.py).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -67,6 +71,20 @@ class KeySpace:
             result_events=f"{base}:result-events",
             output=f"{base}:output",
         )
+
+    def session_request(self, session_id: str, request_id: str) -> str:
+        """Idempotency record of one client request_id on the session's slot (hash: fp, id, rev).
+        The request id is hashed: client ids may hold characters key names must not."""
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:32]
+        return f"{self.session(session_id).record}:request:{digest}"
+
+    def prompt_revision(self, session_id: str) -> str:
+        """Counter of the session's prompt revisions (string, INCR), on the session's slot."""
+        return f"{self.session(session_id).record}:prompt_rev"
+
+    def tenant_quota(self, tenant: str) -> str:
+        """Quota reservations of a tenant: zset member -> deadline (+inf once registered)."""
+        return f"{self.namespace}:quota:tenant:{validate_id(tenant, 'tenant')}"
 
     def live_index(self) -> str:
         return f"{self.namespace}:index:live"

@@ -290,6 +290,27 @@ return 0
 """
 
 
+_RESERVE_LUA = r"""
+-- KEYS: tenant quota zset (member -> deadline of a pending reservation, +inf once the
+--       session is registered)
+-- ARGV: member, quota, now, deadline of the new reservation
+-- The check and the reservation are one step: concurrent creates never exceed the quota.
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+return 1
+"""
+
+_HOLD_LUA = r"""
+-- KEYS: tenant quota zset   ARGV: reservation member, session id
+-- The reservation becomes the session's entry (held until the session ends).
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], '+inf', ARGV[2])
+return 1
+"""
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -315,6 +336,8 @@ class SessionRegistry:
         self._claim = redis.register_script(_CLAIM_LUA)
         self._renew = redis.register_script(_RENEW_LUA)
         self._release = redis.register_script(_RELEASE_LUA)
+        self._reserve = redis.register_script(_RESERVE_LUA)
+        self._hold = redis.register_script(_HOLD_LUA)
 
     # ----------------------------------------------------------------- streams of a session
 
@@ -499,6 +522,52 @@ class SessionRegistry:
             raws = await pipe.execute()
         return {sid: (SessionRecord.from_redis(raw) if raw else None) for sid, raw in zip(session_ids, raws)}
 
+    # ----------------------------------------------------------------- tenant quota
+
+    async def reserve_quota(self, tenant: str, reservation: str, quota: int, *, pending_s: float = 300.0) -> bool:
+        """Take one of `tenant`'s `quota` session slots for `reservation` (atomic check and
+        reserve); False when all are taken. A reservation not turned into a session with
+        `hold_quota` within `pending_s` lapses. Slots of sessions that ended without their
+        entry being removed (a crash) are reclaimed here before refusing."""
+        validate_id(reservation, "reservation")
+        key = self._keys.tenant_quota(tenant)
+        for attempt in range(2):
+            now = self._clock()
+            if await self._reserve(keys=[key], args=[reservation, int(quota), now, now + pending_s]):
+                return True
+            if attempt == 0 and not await self._repair_quota(tenant):
+                return False
+        return False
+
+    async def hold_quota(self, tenant: str, reservation: str, session_id: str) -> None:
+        """The reservation now belongs to the registered session `session_id`: it is held until
+        the session reaches a final state."""
+        key = self._keys.tenant_quota(tenant)
+        await self._hold(keys=[key], args=[reservation, session_id])
+        record = await self.get(session_id)
+        if record is None or record.is_terminal:  # it already ended (and was unindexed)
+            await self._redis.zrem(key, session_id)
+
+    async def release_quota(self, tenant: str, reservation: str) -> None:
+        """Give back a reservation that did not become a session."""
+        await self._redis.zrem(self._keys.tenant_quota(tenant), reservation)
+
+    async def _repair_quota(self, tenant: str) -> int:
+        """Drop held entries of sessions that are final or gone; returns how many."""
+        key = self._keys.tenant_quota(tenant)
+        held = [_text(m) for m in await self._redis.zrangebyscore(key, "+inf", "+inf")]
+        stale = []
+        for session_id in held:
+            try:
+                record = await self.get(session_id)
+            except ValueError:
+                record = None
+            if record is None or record.is_terminal:
+                stale.append(session_id)
+        if stale:
+            await self._redis.zrem(key, *stale)
+        return len(stale)
+
     # ----------------------------------------------------------------- ownership leases
 
     async def claim(self, session_id: str, replica: str, lease_seconds: float | None = None) -> SessionRecord:
@@ -596,4 +665,5 @@ class SessionRegistry:
             pipe.zrem(self._keys.live_index(), record.session_id)
             pipe.srem(self._keys.replica_index(record.replica), record.session_id)
             pipe.srem(self._keys.tenant_index(record.tenant), record.session_id)
+            pipe.zrem(self._keys.tenant_quota(record.tenant), record.session_id)
             await pipe.execute()

@@ -68,6 +68,15 @@ class DuplicateChunk(ChunkOutOfOrder):
     """The chunk index was already appended."""
 
 
+class RequestReused(QueueError):
+    """A request_id was already used on this session for a different request body."""
+
+    def __init__(self, session_id: str, command_id: str) -> None:
+        super().__init__(f"request_id already used on session {session_id!r} for a different request")
+        self.session_id = session_id
+        self.command_id = command_id
+
+
 class ChunkExpired(QueueError):
     """The requested chunk was trimmed from the backlog; `oldest` is the oldest one kept."""
 
@@ -147,10 +156,34 @@ end
 """
 
 _SEND_LUA = LUA_LIB + r"""
--- KEYS: record, control   ARGV: maxlen, type, payload json, issued_at
+-- KEYS: record, control, request record (idempotency), prompt revision counter
+-- ARGV: maxlen, type, payload json, issued_at, request fingerprint ('' = no request_id),
+--       request record ttl (s), assign a prompt revision ('1' / '0')
+-- One step: the request_id check, the revision assignment and the XADD, so a retried request
+-- never publishes twice and revisions are published in the order they are assigned.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
+if ARGV[5] ~= '' then
+  local prev = redis.call('HMGET', KEYS[3], 'fp', 'id', 'rev')
+  if prev[2] then return {'DUPLICATE', prev[2], prev[3] or '', prev[1] or ''} end
+end
 if redis.call('HEXISTS', KEYS[1], 'closing_at') == 1 then return {'CLOSED'} end
-return {'OK', publish(KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])}
+local payload, rev = ARGV[3], ''
+if ARGV[7] == '1' then
+  local n = redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], ARGV[6])
+  local p = cjson.decode(payload)
+  p['revision'] = n
+  payload = cjson.encode(p)
+  rev = tostring(n)
+end
+local id = publish(KEYS[2], ARGV[1], ARGV[2], payload, ARGV[4])
+if ARGV[5] ~= '' then
+  redis.call('HSET', KEYS[3], 'fp', ARGV[5], 'id', id, 'rev', rev)
+  redis.call('EXPIRE', KEYS[3], ARGV[6])
+end
+inherit_ttl(KEYS[1], KEYS[3])
+inherit_ttl(KEYS[1], KEYS[4])
+return {'OK', id, rev}
 """
 
 _ACK_LUA = LUA_LIB + r"""
@@ -268,6 +301,15 @@ def _decode_command(fields: dict[bytes, bytes]) -> ControlCommand:
     )
 
 
+REQUEST_RECORD_TTL_S = 24 * 3600  # how long a control request_id is remembered (at most the session's life)
+
+
+class SentCommand(NamedTuple):
+    command_id: str
+    revision: int | None  # prompt revision assigned with the command (assign_revision)
+    duplicate: bool  # the request_id was seen before: nothing was published
+
+
 class ControlStream:
     """Ordered commands for one session. Command ids are Redis stream ids (`<ms>-<seq>`).
 
@@ -297,13 +339,38 @@ class ControlStream:
 
     async def send(self, command: ControlCommand) -> str:
         """Append `command`; returns its id. Raises SessionNotFound / SessionClosed."""
+        return (await self.send_once(command)).command_id
+
+    async def send_once(
+        self,
+        command: ControlCommand,
+        *,
+        request_id: str | None = None,
+        fingerprint: str = "",
+        assign_revision: bool = False,
+    ) -> SentCommand:
+        """Append `command` once per `request_id` (None: always), in one atomic step.
+
+        A request_id seen before on this session returns the first command's id and revision
+        (`duplicate=True`) without publishing, or raises RequestReused when `fingerprint` (a
+        digest of the request body) differs. With `assign_revision` the next prompt revision is
+        taken from the session's counter and written into the payload as "revision" in the
+        same step, so commands reach the stream in revision order. Raises SessionNotFound /
+        SessionClosed."""
+        if request_id is not None and not fingerprint:
+            fingerprint = "-"
+        space = KeySpace(self._config.namespace)
+        request_key = space.session_request(self.session_id, request_id or "-")
         status, *rest = await self._send(
-            keys=[self._keys.record, self._keys.control],
+            keys=[self._keys.record, self._keys.control, request_key, space.prompt_revision(self.session_id)],
             args=[
                 self._config.control_backlog_max_commands,
                 command.type.value,
                 encode_command_payload(command.payload),
                 self._clock(),
+                fingerprint if request_id is not None else "",
+                REQUEST_RECORD_TTL_S,
+                "1" if assign_revision else "0",
             ],
         )
         status = _text(status)
@@ -311,7 +378,12 @@ class ControlStream:
             raise SessionNotFound(self.session_id)
         if status == "CLOSED":
             raise SessionClosed(self.session_id, "no longer accepts commands")
-        return _text(rest[0])
+        command_id, revision = _text(rest[0]), _text(rest[1])
+        if status == "DUPLICATE":
+            if _text(rest[2]) != fingerprint:
+                raise RequestReused(self.session_id, command_id)
+            return SentCommand(command_id, int(revision) if revision else None, True)
+        return SentCommand(command_id, int(revision) if revision else None, False)
 
     async def read(
         self, last_id: str | None = None, block_ms: int | None = None, count: int | None = 100

@@ -78,7 +78,7 @@ class KVCacheSpec:
     @property
     def bytes_per_token(self) -> int:
         """K and V over all layers for one token."""
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        itemsize = self.dtype.itemsize  # no tensor allocation: callers include event loops
         return 2 * self.num_layers * self.num_heads * self.head_dim * itemsize
 
     @property

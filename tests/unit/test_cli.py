@@ -220,8 +220,6 @@ def test_generate_bad_input(case: str, inputs: Path, tmp_path: Path, capsys, no_
 @pytest.mark.parametrize(
     "args, word",
     [
-        (["generate", "--reference", "r.png", "--garment", "g.png", "--prompt", "p", "--chunks", "1", "--out", "o.mp4"],
-         "required"),  # neither --checkpoint nor --preset
         (["generate", "--checkpoint", "{t}/does-not-exist", "--reference", "{d}/ref.png", "--garment",
           "{d}/g1.png", "--prompt", "p", "--chunks", "1", "--out", "{t}/o.mp4"], "checkpoint"),
         (["generate", "--checkpoint", "{t}", "--reference", "{d}/ref.png", "--garment", "{d}/g1.png",
@@ -233,12 +231,24 @@ def test_generate_bad_input(case: str, inputs: Path, tmp_path: Path, capsys, no_
         ([], "required"),
         (["teleport"], "invalid choice"),
     ],
-    ids=["no-source", "checkpoint-missing", "checkpoint-empty-dir", "info-missing", "init-unknown-preset",
+    ids=["checkpoint-missing", "checkpoint-empty-dir", "info-missing", "init-unknown-preset",
          "init-out-is-file", "checkpoint-no-action", "no-command", "unknown-command"],
 )  # fmt: skip
 def test_other_bad_input(args: list[str], word: str, inputs: Path, tmp_path: Path, capsys, no_model) -> None:
     args = [a.format(d=inputs, t=tmp_path) for a in args]
     assert_usage_error(*run_cli(capsys, args), word)
+
+
+def test_generate_without_a_source_uses_the_default_checkpoint_and_names_it_when_missing(
+    inputs: Path, tmp_path: Path, capsys, no_model, monkeypatch
+) -> None:
+    """Neither --checkpoint nor --preset: the shipped toy model (or $FASHIONCHAMELEON_DEFAULT_CHECKPOINT)."""
+    from shared.models.checkpoint import DEFAULT_CHECKPOINT_ENV
+
+    monkeypatch.setenv(DEFAULT_CHECKPOINT_ENV, str(tmp_path / "nowhere"))
+    args = ["generate", "--reference", f"{inputs}/ref.png", "--garment", f"{inputs}/g1.png", "--prompt", "p",
+            "--chunks", "1", "--out", str(tmp_path / "o.mp4")]
+    assert_usage_error(*run_cli(capsys, args), "default checkpoint")
 
 
 def test_module_entry_point(inputs: Path, tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ NAMESPACE = "serving"
 
 # Secrets as the pods would see them (env from secretKeyRef), for config checks.
 FAKE_SECRET_ENV = {
-    "FASHIONCHAMELEON_API_KEYS": json.dumps({"acme": "k-123"}),
+    "FASHIONCHAMELEON_API_KEYS": json.dumps({"acme": "key-acme-0123456789"}),
     "FASHIONCHAMELEON_REDIS_URL": "redis://:pw@redis:6379/0",
     "FASHIONCHAMELEON_S3_ACCESS_KEY": "AK",
     "FASHIONCHAMELEON_S3_SECRET_KEY": "SK",
@@ -315,7 +315,7 @@ def test_pods_get_a_valid_app_config_and_secrets_only_by_reference(scenario):
                 assert "auth" not in raw and "access_key" not in raw["storage"]["s3"]
                 config = config_from_env({**FAKE_SECRET_ENV, "FASHIONCHAMELEON_CONFIG": env["FASHIONCHAMELEON_CONFIG"]})
                 assert config.storage.backend == "s3" and config.storage.s3.access_key.get_secret_value() == "AK"
-                assert config.auth.key_to_tenant() == {"k-123": "acme"}
+                assert config.auth.key_to_tenant() == {"key-acme-0123456789": "acme"}
                 assert config.serve.grpc_port == values["serve"]["grpcPort"]
                 for name in ("generator", "decoder", "encoder"):
                     assert getattr(config.serve, f"{name}_gpus") == gpus[name], "code and serveConfigV2 disagree on GPUs"

@@ -103,14 +103,14 @@ def test_config_from_env_merges_s3_credentials_and_redis_and_keys(tmp_path):
         "FASHIONCHAMELEON_CONFIG": json.dumps(S3_CONFIG),
         "FASHIONCHAMELEON_S3_ACCESS_KEY": "AK",
         "FASHIONCHAMELEON_S3_SECRET_KEY": "SK",
-        "FASHIONCHAMELEON_API_KEYS": json.dumps({"acme": "key-1"}),
+        "FASHIONCHAMELEON_API_KEYS": json.dumps({"acme": "key-acme-0123456789"}),
         "FASHIONCHAMELEON_REDIS_URL": "redis://:pw@redis:6379/0",
     }
     config = config_from_env(env)
     assert config.storage.s3.access_key.get_secret_value() == "AK"
     assert config.storage.s3.secret_key.get_secret_value() == "SK"
     assert config.redis.url == "redis://:pw@redis:6379/0"
-    assert config.auth.key_to_tenant() == {"key-1": "acme"}
+    assert config.auth.key_to_tenant() == {"key-acme-0123456789": "acme"}
     # The config may also be a file path, as AppConfig.from_env allows.
     path = tmp_path / "config.json"
     path.write_text(json.dumps(S3_CONFIG))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from services.launcher import Embedded, embedded_config, free_port, start_redis_server
-from shared.config import AppConfig
+from shared.config import AppConfig, api_key_digest
 
 
 def test_describe_is_json_and_config_round_trips(tmp_path):
@@ -16,8 +16,9 @@ def test_describe_is_json_and_config_round_trips(tmp_path):
     info = json.loads(json.dumps(Embedded(config, "secret-key-000000000").describe()))
     assert info["grpc"] == "127.0.0.1:9123" and info["tenant"] == "dev" and info["store"] == str(tmp_path)
     again = AppConfig.from_json(config.to_json())  # what every Ray replica rebuilds
-    assert again.auth.key_to_tenant() == {"secret-key-000000000": "dev"}
-    assert again == config
+    assert again.auth.key_to_tenant() == {}, "API keys cross to replicas as digests only"
+    assert again.auth.digest_to_tenant() == {api_key_digest("secret-key-000000000"): "dev"}
+    assert again == config.model_copy(update={"auth": config.auth.hashed()})
 
 
 def test_local_redis_starts_and_stops():

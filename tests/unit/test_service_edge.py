@@ -685,6 +685,9 @@ def test_decompression_bomb_is_refused_before_decoding(side: int) -> None:
     err = _invalid(parse_create_session, _create(reference=common_pb2.ImageInput(data=bomb)), LIMITS)
     assert isinstance(err, InvalidArgument) and err.reason == "IMAGE_INVALID"
     assert err.metadata["field"] == "reference.data"
+    # the message quotes the configured limit and the image's size, never PIL's own bomb limit
+    assert f"over the limit of {LIMITS.max_image_pixels}" in err.message, err.message
+    assert f"{side * side} pixels" in err.message and "DOS" not in err.message
 
 
 @pytest.mark.parametrize(
@@ -750,14 +753,14 @@ def test_object_keys_are_scoped_to_the_tenant() -> None:
 @pytest.mark.parametrize(
     "options,field_name,reason",
     [
-        (common_pb2.SessionOptions(max_chunks=-1), "options.max_chunks", "UNSPECIFIED"),
-        (common_pb2.SessionOptions(max_chunks=100_001), "options.max_chunks", "UNSPECIFIED"),
+        (common_pb2.SessionOptions(max_chunks=-1), "options.max_chunks", "FIELD_INVALID"),
+        (common_pb2.SessionOptions(max_chunks=100_001), "options.max_chunks", "FIELD_INVALID"),
         (common_pb2.SessionOptions(width=-32), "options.width", "RESOLUTION_UNSUPPORTED"),
         (common_pb2.SessionOptions(height=8192), "options.height", "RESOLUTION_UNSUPPORTED"),
-        (common_pb2.SessionOptions(max_duration_seconds=float("nan")), "options.max_duration_seconds", "UNSPECIFIED"),
-        (common_pb2.SessionOptions(max_duration_seconds=-1), "options.max_duration_seconds", "UNSPECIFIED"),
-        (common_pb2.SessionOptions(idle_timeout_seconds=float("inf")), "options.idle_timeout_seconds", "UNSPECIFIED"),
-        (common_pb2.SessionOptions(preset="Wan 2.2"), "options.preset", "UNSPECIFIED"),
+        (common_pb2.SessionOptions(max_duration_seconds=float("nan")), "options.max_duration_seconds", "FIELD_INVALID"),
+        (common_pb2.SessionOptions(max_duration_seconds=-1), "options.max_duration_seconds", "FIELD_INVALID"),
+        (common_pb2.SessionOptions(idle_timeout_seconds=float("inf")), "options.idle_timeout_seconds", "FIELD_INVALID"),
+        (common_pb2.SessionOptions(preset="Wan 2.2"), "options.preset", "FIELD_INVALID"),
     ],
 )
 def test_bad_session_options(options, field_name: str, reason: str) -> None:

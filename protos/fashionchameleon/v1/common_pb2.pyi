@@ -27,6 +27,11 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_CHUNK_OUT_OF_ORDER: _ClassVar[ErrorReason]
     ERROR_REASON_SESSION_NOT_ON_REPLICA: _ClassVar[ErrorReason]
     ERROR_REASON_SESSION_LIMIT_REACHED: _ClassVar[ErrorReason]
+    ERROR_REASON_IDEMPOTENCY_KEY_REUSED: _ClassVar[ErrorReason]
+    ERROR_REASON_API_KEY_INVALID: _ClassVar[ErrorReason]
+    ERROR_REASON_FIELD_INVALID: _ClassVar[ErrorReason]
+    ERROR_REASON_REQUEST_MALFORMED: _ClassVar[ErrorReason]
+    ERROR_REASON_RESUME_PAST_END: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason
 ERROR_REASON_SESSION_NOT_ACTIVE: ErrorReason
@@ -45,6 +50,11 @@ ERROR_REASON_CHUNK_NOT_RETAINED: ErrorReason
 ERROR_REASON_CHUNK_OUT_OF_ORDER: ErrorReason
 ERROR_REASON_SESSION_NOT_ON_REPLICA: ErrorReason
 ERROR_REASON_SESSION_LIMIT_REACHED: ErrorReason
+ERROR_REASON_IDEMPOTENCY_KEY_REUSED: ErrorReason
+ERROR_REASON_API_KEY_INVALID: ErrorReason
+ERROR_REASON_FIELD_INVALID: ErrorReason
+ERROR_REASON_REQUEST_MALFORMED: ErrorReason
+ERROR_REASON_RESUME_PAST_END: ErrorReason
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "catalog_id", "object_key", "content_type")

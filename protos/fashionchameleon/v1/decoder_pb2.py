@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fashionchameleon.v1 import common_pb2 as fashionchameleon_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fashionchameleon/v1/decoder.proto\x12\x13\x66\x61shionchameleon.v1\x1a fashionchameleon/v1/common.proto\"{\n\x12VideoEncodeOptions\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\x10\n\x03\x63rf\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x65ncoder_preset\x18\x03 \x01(\t\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x01\x12\x17\n\x0fmax_bitrate_bps\x18\x05 \x01(\x03\x42\x06\n\x04_crf\"\xad\x02\n\x12\x44\x65\x63odeChunkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x03\x12,\n\x07latents\x18\x03 \x01(\x0b\x32\x1b.fashionchameleon.v1.Tensor\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x37\n\x06\x65ncode\x18\x05 \x01(\x0b\x32\'.fashionchameleon.v1.VideoEncodeOptions\x12\x19\n\x11\x66irst_frame_index\x18\x06 \x01(\x03\x12\x1c\n\x14include_init_segment\x18\x07 \x01(\x08\x12\x1d\n\x15return_last_frame_png\x18\x08 \x01(\x08\x12 \n\x18return_last_frame_tensor\x18\t \x01(\x08\"`\n\rDecodeTimings\x12\x1a\n\x12vae_decode_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14video_encode_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xce\x02\n\x13\x44\x65\x63odeChunkResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x03\x12\x0c\n\x04\x66mp4\x18\x03 \x01(\x0c\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\x12\x19\n\x11\x66irst_frame_index\x18\x05 \x01(\x03\x12\x14\n\x0cinit_segment\x18\x06 \x01(\x0c\x12\x11\n\tmime_type\x18\x07 \x01(\t\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0e\n\x06height\x18\t \x01(\x05\x12\x0b\n\x03\x66ps\x18\n \x01(\x01\x12\x16\n\x0elast_frame_png\x18\x0b \x01(\x0c\x12/\n\nlast_frame\x18\x0c \x01(\x0b\x32\x1b.fashionchameleon.v1.Tensor\x12\x33\n\x07timings\x18\r \x01(\x0b\x32\".fashionchameleon.v1.DecodeTimings\"0\n\x1a\x44\x65\x63oderCloseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"J\n\x1b\x44\x65\x63oderCloseSessionResponse\x12\x16\n\x0e\x63hunks_decoded\x18\x01 \x01(\x03\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xde\x01\n\x07\x44\x65\x63oder\x12`\n\x0b\x44\x65\x63odeChunk\x12\'.fashionchameleon.v1.DecodeChunkRequest\x1a(.fashionchameleon.v1.DecodeChunkResponse\x12q\n\x0c\x43loseSession\x12/.fashionchameleon.v1.DecoderCloseSessionRequest\x1a\x30.fashionchameleon.v1.DecoderCloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!fashionchameleon/v1/decoder.proto\x12\x13\x66\x61shionchameleon.v1\x1a fashionchameleon/v1/common.proto\"{\n\x12VideoEncodeOptions\x12\r\n\x05\x63odec\x18\x01 \x01(\t\x12\x10\n\x03\x63rf\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0e\x65ncoder_preset\x18\x03 \x01(\t\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x01\x12\x17\n\x0fmax_bitrate_bps\x18\x05 \x01(\x03\x42\x06\n\x04_crf\"\xff\x02\n\x12\x44\x65\x63odeChunkRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x03\x12,\n\x07latents\x18\x03 \x01(\x0b\x32\x1b.fashionchameleon.v1.Tensor\x12\r\n\x05reset\x18\x04 \x01(\x08\x12\x37\n\x06\x65ncode\x18\x05 \x01(\x0b\x32\'.fashionchameleon.v1.VideoEncodeOptions\x12\x19\n\x11\x66irst_frame_index\x18\x06 \x01(\x03\x12\x1c\n\x14include_init_segment\x18\x07 \x01(\x08\x12\x1d\n\x15return_last_frame_png\x18\x08 \x01(\x08\x12 \n\x18return_last_frame_tensor\x18\t \x01(\x08\x12\x32\n\rprime_latents\x18\n \x01(\x0b\x32\x1b.fashionchameleon.v1.Tensor\x12\x1c\n\x14idle_timeout_seconds\x18\x0b \x01(\x01\"`\n\rDecodeTimings\x12\x1a\n\x12vae_decode_seconds\x18\x01 \x01(\x01\x12\x1c\n\x14video_encode_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xce\x02\n\x13\x44\x65\x63odeChunkResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x02 \x01(\x03\x12\x0c\n\x04\x66mp4\x18\x03 \x01(\x0c\x12\x12\n\nnum_frames\x18\x04 \x01(\x05\x12\x19\n\x11\x66irst_frame_index\x18\x05 \x01(\x03\x12\x14\n\x0cinit_segment\x18\x06 \x01(\x0c\x12\x11\n\tmime_type\x18\x07 \x01(\t\x12\r\n\x05width\x18\x08 \x01(\x05\x12\x0e\n\x06height\x18\t \x01(\x05\x12\x0b\n\x03\x66ps\x18\n \x01(\x01\x12\x16\n\x0elast_frame_png\x18\x0b \x01(\x0c\x12/\n\nlast_frame\x18\x0c \x01(\x0b\x32\x1b.fashionchameleon.v1.Tensor\x12\x33\n\x07timings\x18\r \x01(\x0b\x32\".fashionchameleon.v1.DecodeTimings\"0\n\x1a\x44\x65\x63oderCloseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"J\n\x1b\x44\x65\x63oderCloseSessionResponse\x12\x16\n\x0e\x63hunks_decoded\x18\x01 \x01(\x03\x12\x13\n\x0b\x66reed_bytes\x18\x02 \x01(\x03\x32\xde\x01\n\x07\x44\x65\x63oder\x12`\n\x0b\x44\x65\x63odeChunk\x12\'.fashionchameleon.v1.DecodeChunkRequest\x1a(.fashionchameleon.v1.DecodeChunkResponse\x12q\n\x0c\x43loseSession\x12/.fashionchameleon.v1.DecoderCloseSessionRequest\x1a\x30.fashionchameleon.v1.DecoderCloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VIDEOENCODEOPTIONS']._serialized_start=92
   _globals['_VIDEOENCODEOPTIONS']._serialized_end=215
   _globals['_DECODECHUNKREQUEST']._serialized_start=218
-  _globals['_DECODECHUNKREQUEST']._serialized_end=519
-  _globals['_DECODETIMINGS']._serialized_start=521
-  _globals['_DECODETIMINGS']._serialized_end=617
-  _globals['_DECODECHUNKRESPONSE']._serialized_start=620
-  _globals['_DECODECHUNKRESPONSE']._serialized_end=954
-  _globals['_DECODERCLOSESESSIONREQUEST']._serialized_start=956
-  _globals['_DECODERCLOSESESSIONREQUEST']._serialized_end=1004
-  _globals['_DECODERCLOSESESSIONRESPONSE']._serialized_start=1006
-  _globals['_DECODERCLOSESESSIONRESPONSE']._serialized_end=1080
-  _globals['_DECODER']._serialized_start=1083
-  _globals['_DECODER']._serialized_end=1305
+  _globals['_DECODECHUNKREQUEST']._serialized_end=601
+  _globals['_DECODETIMINGS']._serialized_start=603
+  _globals['_DECODETIMINGS']._serialized_end=699
+  _globals['_DECODECHUNKRESPONSE']._serialized_start=702
+  _globals['_DECODECHUNKRESPONSE']._serialized_end=1036
+  _globals['_DECODERCLOSESESSIONREQUEST']._serialized_start=1038
+  _globals['_DECODERCLOSESESSIONREQUEST']._serialized_end=1086
+  _globals['_DECODERCLOSESESSIONRESPONSE']._serialized_start=1088
+  _globals['_DECODERCLOSESESSIONRESPONSE']._serialized_end=1162
+  _globals['_DECODER']._serialized_start=1165
+  _globals['_DECODER']._serialized_end=1387
 # @@protoc_insertion_point(module_scope)

@@ -21,7 +21,7 @@ class VideoEncodeOptions(_message.Message):
     def __init__(self, codec: _Optional[str] = ..., crf: _Optional[int] = ..., encoder_preset: _Optional[str] = ..., fps: _Optional[float] = ..., max_bitrate_bps: _Optional[int] = ...) -> None: ...
 
 class DecodeChunkRequest(_message.Message):
-    __slots__ = ("session_id", "chunk_index", "latents", "reset", "encode", "first_frame_index", "include_init_segment", "return_last_frame_png", "return_last_frame_tensor")
+    __slots__ = ("session_id", "chunk_index", "latents", "reset", "encode", "first_frame_index", "include_init_segment", "return_last_frame_png", "return_last_frame_tensor", "prime_latents", "idle_timeout_seconds")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     LATENTS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class DecodeChunkRequest(_message.Message):
     INCLUDE_INIT_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     RETURN_LAST_FRAME_PNG_FIELD_NUMBER: _ClassVar[int]
     RETURN_LAST_FRAME_TENSOR_FIELD_NUMBER: _ClassVar[int]
+    PRIME_LATENTS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     chunk_index: int
     latents: _common_pb2.Tensor
@@ -40,7 +42,9 @@ class DecodeChunkRequest(_message.Message):
     include_init_segment: bool
     return_last_frame_png: bool
     return_last_frame_tensor: bool
-    def __init__(self, session_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., reset: _Optional[bool] = ..., encode: _Optional[_Union[VideoEncodeOptions, _Mapping]] = ..., first_frame_index: _Optional[int] = ..., include_init_segment: _Optional[bool] = ..., return_last_frame_png: _Optional[bool] = ..., return_last_frame_tensor: _Optional[bool] = ...) -> None: ...
+    prime_latents: _common_pb2.Tensor
+    idle_timeout_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., reset: _Optional[bool] = ..., encode: _Optional[_Union[VideoEncodeOptions, _Mapping]] = ..., first_frame_index: _Optional[int] = ..., include_init_segment: _Optional[bool] = ..., return_last_frame_png: _Optional[bool] = ..., return_last_frame_tensor: _Optional[bool] = ..., prime_latents: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., idle_timeout_seconds: _Optional[float] = ...) -> None: ...
 
 class DecodeTimings(_message.Message):
     __slots__ = ("vae_decode_seconds", "video_encode_seconds", "total_seconds")
