@@ -254,8 +254,10 @@ def _html(report: dict, rows: list[dict], strips: dict[str, str], out: Path) -> 
         video = base64.b64encode(clip).decode()
         parts.append(
             f"<h2>{html.escape(r['id'])}: {html.escape(r['prompt'])}</h2>"
-            f"<p>switch at chunk {r['switch_chunk']} (frame {r['switch_frame']}); garment 2 shown after "
-            f"{r.get('switch_latency_frames')} frames; direction correct: {r.get('motion_direction_accuracy')}</p>"
+            f"<p>switch at chunk {r['switch_chunk']} (frame {r['switch_frame']}); top closer to garment 2 after "
+            f"{r.get('relative_switch_latency_frames')} frames, a strict match after {r.get('switch_latency_frames')} "
+            f"frames; motion detected {html.escape(str(r.get('motion_detected')))}, direction correct: "
+            f"{r.get('motion_direction_accuracy')}</p>"
             f"<video controls loop muted src='data:video/mp4;base64,{video}' style='height:320px'></video>"
             f"<p>frames {r['switch_frame'] - 6} .. {r['switch_frame'] + 13} (every 2nd; the switch is the 4th):</p>"
             f"<img src='data:image/png;base64,{strips[r['id']]}'>"

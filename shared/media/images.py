@@ -80,10 +80,14 @@ def load_image(
 
 
 def _bomb_message(error: Exception, max_pixels: int) -> str:
-    """PIL refused the header (over its own, larger bomb limit): say so with *our* limit."""
+    """PIL refused the header as a decompression bomb: quote *our* limit when the image is over it,
+    else say that PIL's own bomb limit refused it (a configured limit above PIL's)."""
     found = re.search(r"\((\d+) pixels\)", str(error))
-    size = f"{int(found.group(1))} pixels" if found else "too many pixels"
-    return f"image has {size}, over the limit of {max_pixels}"
+    pixels = int(found.group(1)) if found else None
+    if pixels is None or pixels > max_pixels:
+        size = f"{pixels} pixels" if pixels is not None else "too many pixels"
+        return f"image has {size}, over the limit of {max_pixels}"
+    return f"image has {pixels} pixels: refused as a decompression bomb by the image decoder's own limit"
 
 
 def _read_bytes(source: str | Path | bytes, max_bytes: int) -> bytes:
