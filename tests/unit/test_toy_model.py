@@ -98,3 +98,29 @@ def test_motion_is_continuous_across_the_switch(generated) -> None:
     frames, _ = generated
     jump = tm.jump_at(frames, SWITCH_FRAME)
     assert not jump["is_jump"], jump
+
+
+def test_eval_run_bench_toy_and_compare_gate(tmp_path) -> None:
+    """`eval run --bench toy` (shipped checkpoint by default) writes the reports; `eval compare` gates."""
+    import contextlib
+    import io
+
+    run = tmp_path / "bench-a"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["eval", "run", "--bench", "toy", "--max-samples", "1", "--frames", "45", "--no-progress",
+                   "--out", str(run)])
+    assert rc == 0
+    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert summary["benchmark"] == "toy" and summary["checkpoint_id"].startswith("toy-")
+    report = json.loads((run / "report.json").read_text())
+    assert report["metrics"]["garment_accuracy_after"]["value"] is not None
+    html = (run / "report.html").read_text()
+    assert "data:video/mp4;base64," in html and "data:image/png;base64," in html
+    planted = dict(report, run_id="candidate")
+    planted["metrics"] = {**report["metrics"], "garment_match_before": {**report["metrics"]["garment_match_before"],
+                                                                        "value": -1.0}}
+    (tmp_path / "b.json").write_text(json.dumps(planted))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["eval", "compare", str(run), str(run)]) == 0
+        assert main(["eval", "compare", str(run), str(tmp_path / "b.json")]) == 1
