@@ -152,3 +152,14 @@ def _probe_writable(folder: Path) -> None:
             pass
     except OSError as e:
         raise CliError(f"output folder {folder} is not writable: {e.strerror or e}") from None
+
+
+def shipped_checkpoint() -> str:
+    """The checkpoint used when neither --checkpoint nor --preset is given (the shipped toy model,
+    or $FASHIONCHAMELEON_DEFAULT_CHECKPOINT), or a one-line CLI error naming it when it is missing."""
+    from shared.models.checkpoint import CheckpointError, default_checkpoint
+
+    try:
+        return str(default_checkpoint())
+    except CheckpointError as e:
+        raise CliError(str(e)) from None

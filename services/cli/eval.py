@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import CliError, Parser, add_engine_arguments, engine_config, print_json
+from .common import CliError, Parser, add_engine_arguments, engine_config, print_json, shipped_checkpoint
 
 SMOKE = "smoke"
 TOY = "toy"
@@ -328,12 +328,7 @@ def run_eval(args) -> int:
     if args.max_samples is not None and args.max_samples < 1:
         raise CliError("--max-samples must be >= 1")
     if args.checkpoint is None and args.preset is None and args.studio is None:
-        from shared.models.checkpoint import CheckpointError, default_checkpoint
-
-        try:
-            args.checkpoint = str(default_checkpoint())
-        except CheckpointError as e:
-            raise CliError(str(e)) from None
+        args.checkpoint = shipped_checkpoint()
     if args.bench == TOY:
         return _run_toy_bench(args)
     cfg = _eval_config(args)

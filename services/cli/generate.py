@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from shared.media.video import Mp4Writer
-from shared.models.checkpoint import CheckpointError, build_random, default_checkpoint, read_preset
+from shared.models.checkpoint import CheckpointError, build_random, read_preset
 from shared.models.presets import Preset, get_preset
 from shared.models.text_encoder import validate_prompt
 from shared.runtime.pipeline import Engine, EngineConfig
@@ -30,6 +30,7 @@ from .common import (
     engine_config,
     print_json,
     read_image,
+    shipped_checkpoint,
 )
 from .stats import ChunkTiming, stream_rates
 
@@ -108,10 +109,7 @@ def parse_switch(spec: str, chunks: int) -> tuple[int, str]:
 
 def _source_preset(args: argparse.Namespace) -> Preset:
     if args.preset is None and args.checkpoint is None:
-        try:
-            args.checkpoint = str(default_checkpoint())
-        except CheckpointError as e:
-            raise CliError(str(e)) from None
+        args.checkpoint = shipped_checkpoint()
     if args.preset is not None:
         try:
             return get_preset(args.preset)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .common import CliError, print_json
+from .common import CliError, print_json, shipped_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEMO_PROMPT = "The person waves with the right hand steadily."  # a caption of the toy world
@@ -53,15 +53,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _model_source(args) -> tuple[str, str | None]:
     """(preset, checkpoint) for the launcher: a named one, else the shipped toy checkpoint."""
-    from shared.models.checkpoint import CheckpointError, default_checkpoint
-
     if args.checkpoint is not None and args.preset is not None:
         raise CliError("give --checkpoint or --preset, not both")
     if args.checkpoint is None and args.preset is None:
-        try:
-            return "toy", str(default_checkpoint())
-        except CheckpointError as e:
-            raise CliError(str(e)) from None
+        return "toy", shipped_checkpoint()
     return args.preset or "tiny", args.checkpoint
 
 
