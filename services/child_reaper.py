@@ -12,6 +12,12 @@ period. It ignores SIGINT, SIGTERM and SIGHUP (a Ctrl-C reaches the whole proces
 parent stops itself, then the watchdog clears what is left) and exits once everything is gone.
 Linux only (/proc); elsewhere `start` starts nothing.
 
+A process whose own parent exits is re-parented to the nearest "child subreaper" ancestor, else to
+PID 1, and so leaves the tree below `up` (a daemonising grandchild does this within milliseconds,
+usually between two scans). `start` therefore makes the calling process a child subreaper
+(prctl PR_SET_CHILD_SUBREAPER): orphans of its tree are re-parented to it and stay in view. The
+cost: such orphans become zombies of `up` when they exit, until `up` exits.
+
     python -m services.child_reaper --parent PID [--interval-s 0.5] [--grace-s 3]
 """
 
@@ -127,10 +133,29 @@ def watch(parent: int, *, interval_s: float = 0.5, grace_s: float = 3.0) -> None
     reap(known, me=me, grace_s=grace_s)
 
 
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its tree (see the module docstring). False where
+    the kernel or libc refuses."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def start(parent: int | None = None) -> subprocess.Popen | None:
-    """Start the watchdog of `parent` (default: this process). None off Linux."""
+    """Start the watchdog of `parent` (default: this process, which also becomes its tree's child
+    subreaper). None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
+    if parent is None or parent == os.getpid():
+        become_subreaper()
     return subprocess.Popen(
         [sys.executable, "-m", "services.child_reaper", "--parent", str(parent or os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
