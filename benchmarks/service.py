@@ -13,6 +13,7 @@ gap up to two chunk durations is absorbed; --slack is that bound in chunk durati
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.studio.client import StudioClient  # noqa: E402
+from services.studio.client import StudioClient
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -38,8 +39,9 @@ def one_session(target: str, key: str, chunks: int, switch_every: int, seed: int
     garments = [(EXAMPLES / "garment-red.png").read_bytes(), (EXAMPLES / "garment-green.png").read_bytes()]
     with StudioClient(target, key) as c:
         t0 = time.perf_counter()
-        s = c.create_session(person, garments[0], "A person walks toward the camera", seed=seed,
-                             options={"max_chunks": chunks})
+        s = c.create_session(
+            person, garments[0], "A person walks toward the camera", seed=seed, options={"max_chunks": chunks}
+        )
         created = time.perf_counter()
         arrivals, switches, pending = [], [], None
         for chunk in c.stream(s.session_id):
@@ -57,7 +59,7 @@ def one_session(target: str, key: str, chunks: int, switch_every: int, seed: int
     out.update(
         create=created - t0,
         ttfc=arrivals[0] - created if arrivals else float("nan"),
-        gaps=[b - a for a, b in zip(arrivals, arrivals[1:])],
+        gaps=[b - a for a, b in itertools.pairwise(arrivals)],
         switches=switches,
     )
 
@@ -94,8 +96,12 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,2,4", help="comma-separated session counts")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--switch-every", type=int, default=3, help="switch garment every K chunks (0: never)")
-    p.add_argument("--slack", type=float, default=2.0,
-                   help="p99 inter-chunk gap allowed, in chunk durations (2.0: the one-chunk lead buffer)")
+    p.add_argument(
+        "--slack",
+        type=float,
+        default=2.0,
+        help="p99 inter-chunk gap allowed, in chunk durations (2.0: the one-chunk lead buffer)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -113,19 +119,32 @@ def main() -> int:
     finally:
         if embedded is not None:
             embedded.stop()
-    keeping_up = [lv["sessions"] for lv in levels
-                  if lv["completed"] == lv["sessions"] and (lv["inter_chunk_p99_s"] or 1e9) <= args.slack * chunk_seconds]
+    keeping_up = [
+        lv["sessions"]
+        for lv in levels
+        if lv["completed"] == lv["sessions"] and (lv["inter_chunk_p99_s"] or 1e9) <= args.slack * chunk_seconds
+    ]
     summary = {"target": target, "levels": levels, "sessions_per_replica": max(keeping_up, default=0)}
     if args.json:
         print(json.dumps(summary))
         return 0
-    cols = ["sessions", "completed", "ttfc_p50_s", "ttfc_max_s", "inter_chunk_p50_s", "inter_chunk_p99_s",
-            "switch_visible_mean_s", "switch_visible_max_s"]
+    cols = [
+        "sessions",
+        "completed",
+        "ttfc_p50_s",
+        "ttfc_max_s",
+        "inter_chunk_p50_s",
+        "inter_chunk_p99_s",
+        "switch_visible_mean_s",
+        "switch_visible_max_s",
+    ]
     print(" ".join(f"{c:>22}" for c in cols))
     for lv in levels:
         print(" ".join(f"{(f'{lv[c]:.3f}' if isinstance(lv[c], float) else str(lv[c])):>22}" for c in cols))
-    print(f"sessions per replica keeping playback speed (p99 gap <= {args.slack} x {chunk_seconds:.2f} s): "
-          f"{summary['sessions_per_replica']}")
+    print(
+        f"sessions per replica keeping playback speed (p99 gap <= {args.slack} x {chunk_seconds:.2f} s): "
+        f"{summary['sessions_per_replica']}"
+    )
     return 0
 
 

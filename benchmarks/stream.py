@@ -35,22 +35,23 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from services.cli.common import (  # noqa: E402
+from benchmarks.hot_path import decoder_figures, hot_path_figures
+from services.cli.stats import ChunkTiming, percentile, stream_rates
+from shared.cli import (
     CliError,
     Parser,
     add_engine_arguments,
     engine_config,
     quiet_libraries,
 )
-from services.cli.stats import ChunkTiming, percentile, stream_rates  # noqa: E402
-from shared.models.checkpoint import CheckpointError, build_random, read_preset  # noqa: E402
-from shared.models.presets import Preset, get_preset  # noqa: E402
-from shared.runtime.kv_cache import KVCacheSpec  # noqa: E402
-from shared.runtime.pipeline import Engine, VideoSession  # noqa: E402
+from shared.models.checkpoint import CheckpointError, build_random, read_preset
+from shared.models.presets import Preset, get_preset
+from shared.runtime.kv_cache import KVCacheSpec
+from shared.runtime.pipeline import DTYPES, Engine, VideoSession
 
 PROMPT = "A person walks toward the camera, turns around and smiles; studio light, full body."
 
@@ -67,6 +68,11 @@ def build_parser() -> Parser:
     p.add_argument("--no-context-pass", action="store_true", help="skip the clean context pass (experiment)")
     p.add_argument("--seed", type=int, default=0, help="noise and weights seed (default: 0)")
     p.add_argument("--json", action="store_true", help="JSON on stdout (the table goes to stderr)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks (EngineConfig.compile)")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs of the compiled blocks (CUDA only)")
+    p.add_argument("--fp8", action="store_true", help="FP8 linear layers through torchao (Hopper CUDA only)")
+    p.add_argument("--no-hot-path", action="store_true", help="skip the cache-overhead / diffusers / compile figures")
+    p.add_argument("--no-compiled", action="store_true", help="hot-path figures without the compiled comparison")
     return p
 
 
@@ -91,6 +97,7 @@ def run_session(
     session: VideoSession = engine.session()
     timings: list[ChunkTiming] = []
     switch_seconds: list[float] = []
+    latents: list[torch.Tensor] = []
     engine.synchronize()
     start = time.perf_counter()
     session.open(reference, garments[0], PROMPT, seed=seed)
@@ -100,12 +107,21 @@ def run_session(
     for k in range(chunks):
         if switch_before(k, every):
             switch_seconds.append(session.switch_garment(garments[(len(switch_seconds) + 1) % 2]))
-        timings.append(ChunkTiming.of(session.next_chunk()))
+        result = session.next_chunk()
+        timings.append(ChunkTiming.of(result))
+        latents.append(result.latents)
         if k == 0:
             ttfc = time.perf_counter() - start
     wall = time.perf_counter() - start - open_seconds
     session.close()
-    return {"open": open_seconds, "ttfc": ttfc, "wall": wall, "chunks": timings, "switches": switch_seconds}
+    return {
+        "open": open_seconds,
+        "ttfc": ttfc,
+        "wall": wall,
+        "chunks": timings,
+        "switches": switch_seconds,
+        "latents": latents,
+    }
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -126,13 +142,20 @@ def benchmark(args: argparse.Namespace) -> dict:
         raise CliError("--chunks must be >= 1, --warmup and --switch-every >= 0")
     preset = _preset(args)
     overrides = {"context_pass": False} if args.no_context_pass else {}
-    config = engine_config(args, preset, **overrides)
+    config = engine_config(args, preset, **overrides).model_copy(
+        update={"compile": args.compile, "cuda_graphs": args.cuda_graphs, "fp8": args.fp8, "decoder": args.decoder}
+    )
 
     start = time.perf_counter()
-    if args.checkpoint:
-        engine = Engine.from_checkpoint(args.checkpoint, config)
-    else:
-        engine = Engine(build_random(preset, args.seed, config.torch_dtype), config)
+    try:
+        if args.checkpoint:
+            engine = Engine.from_checkpoint(args.checkpoint, config)
+        elif args.decoder == "fast":
+            engine = Engine.from_preset(preset.name, config, seed=args.seed)  # random fast decoder too
+        else:
+            engine = Engine(build_random(preset, args.seed, DTYPES[config.dtype]), config)
+    except ValueError as e:  # GPU-only options on a CPU, a missing extra
+        raise CliError(str(e)) from None
     load_seconds = time.perf_counter() - start
     st = engine.preset.streaming
     reference, garments = synthetic_inputs(st.height, st.width)
@@ -148,6 +171,7 @@ def benchmark(args: argparse.Namespace) -> dict:
     gen = [c.generate_seconds for c in chunks]
     dec = [c.decode_seconds for c in chunks]
     sw = raw["switches"]
+    hot = {} if args.no_hot_path else hot_path_figures(engine, seed=args.seed, compiled=not args.no_compiled)
     return {
         "preset": engine.preset.name,
         "checkpoint_id": engine.checkpoint_id,
@@ -181,6 +205,12 @@ def benchmark(args: argparse.Namespace) -> dict:
         "switch_latency_max_seconds": max(sw) if sw else None,
         "kv_cache_bytes": KVCacheSpec.from_preset(engine.preset, engine.dtype).bytes,
         **peak_memory(engine.device),
+        "compile": config.compile,
+        "cuda_graphs": config.cuda_graphs,
+        "fp8": config.fp8,
+        "decoder": config.decoder,
+        **hot,
+        **decoder_figures(engine, raw["latents"]),
         "torch": torch.__version__,
     }
 
@@ -224,6 +254,19 @@ def format_table(r: dict) -> str:
         ("KV cache per session", _bytes(r["kv_cache_bytes"])),
         ("model load", f"{r['load_seconds']:.2f} s"),
     ]  # fmt: skip
+    if r.get("cache_overhead_ratio") is not None:
+        rows += [
+            ("cached chunk / bare forwards", f"{r['cache_overhead_ratio']:.3f}  ({_ms(r['hot_path_chunk_seconds'])} vs "
+             f"{r['forwards_per_chunk']} x {_ms(r['bare_forward_seconds'])}; goal <= 1.05)"),
+            ("our forward / diffusers'", f"{r['forward_vs_diffusers_ratio']:.3f}  ({_ms(r['our_forward_seconds'])} vs "
+             f"{_ms(r['diffusers_forward_seconds'])}, {r['forward_frames']} frames; goal <= 1.0)"),
+        ]  # fmt: skip
+    if r.get("compiled_chunk_seconds") is not None:
+        rows.append(("chunk eager / compiled", f"{_ms(r['hot_path_chunk_seconds'])} / "
+                     f"{_ms(r['compiled_chunk_seconds'])}  ({r['compile_speedup']:.2f}x; compile "
+                     f"{r['compile_seconds']:.0f} s)"))  # fmt: skip
+    if r.get("decode_speedup") is not None:
+        rows.append(("fast decoder vs full", f"{r['decode_speedup']:.1f}x faster, {r['decode_psnr_db']:.1f} dB PSNR"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

@@ -20,11 +20,31 @@ sys.path.insert(0, str(ROOT))
 
 from services.eval.toybench import METRICS, Variant, run_bench  # noqa: E402
 
-SHOW = ("garment_accuracy_before", "garment_accuracy_after", "relative_switch_latency_frames", "garment_match_before", "garment_match_after", "switch_latency_frames", "switch_in_first_chunk",
-        "identity_match_rate", "bottoms_match_rate", "motion_direction_accuracy", "switch_jump_rate",
-        "smoothness_px", "end_to_end_fps")
-LONG_SHOW = ("garment_accuracy_after", "garment_match_after", "drift_garment_delta_e", "drift_garment_match_end", "drift_identity_match_end",
-             "identity_match_rate", "person_found", "smoothness_px")
+SHOW = (
+    "garment_accuracy_before",
+    "garment_accuracy_after",
+    "relative_switch_latency_frames",
+    "garment_match_before",
+    "garment_match_after",
+    "switch_latency_frames",
+    "switch_in_first_chunk",
+    "identity_match_rate",
+    "bottoms_match_rate",
+    "motion_direction_accuracy",
+    "switch_jump_rate",
+    "smoothness_px",
+    "end_to_end_fps",
+)
+LONG_SHOW = (
+    "garment_accuracy_after",
+    "garment_match_after",
+    "drift_garment_delta_e",
+    "drift_garment_match_end",
+    "drift_identity_match_end",
+    "identity_match_rate",
+    "person_found",
+    "smoothness_px",
+)
 
 
 def table(title: str, results: dict[str, dict], keys: tuple[str, ...]) -> str:
@@ -61,18 +81,26 @@ def main(argv: list[str] | None = None) -> int:
 
     switch = {
         "all steps": bench("switch-all", student, Variant("all", chunks=args.chunks), args.samples),
-        "no refresh": bench("switch-no-refresh", student, Variant("no-refresh", refresh=False, chunks=args.chunks),
-                            args.samples),
-        "no withdraw": bench("switch-no-withdraw", student,
-                             Variant("no-withdraw", withdraw=False, chunks=args.chunks), args.samples),
-        "no disentangle": bench("switch-no-disentangle", student,
-                                Variant("no-disentangle", disentangle=False, chunks=args.chunks), args.samples),
+        "no refresh": bench(
+            "switch-no-refresh", student, Variant("no-refresh", refresh=False, chunks=args.chunks), args.samples
+        ),
+        "no withdraw": bench(
+            "switch-no-withdraw", student, Variant("no-withdraw", withdraw=False, chunks=args.chunks), args.samples
+        ),
+        "no disentangle": bench(
+            "switch-no-disentangle",
+            student,
+            Variant("no-disentangle", disentangle=False, chunks=args.chunks),
+            args.samples,
+        ),
     }
     stages = {
-        "teacher (stage 1)": bench("stage-teacher", run / "ckpt-teacher", Variant("teacher", chunks=args.chunks),
-                                   args.samples),
-        "teacher forcing (stage 2)": bench("stage-tf", run / "ckpt-teacher-forcing", Variant("tf", chunks=args.chunks),
-                                           args.samples),
+        "teacher (stage 1)": bench(
+            "stage-teacher", run / "ckpt-teacher", Variant("teacher", chunks=args.chunks), args.samples
+        ),
+        "teacher forcing (stage 2)": bench(
+            "stage-tf", run / "ckpt-teacher-forcing", Variant("tf", chunks=args.chunks), args.samples
+        ),
         "GR-DMD student (stage 3)": switch["all steps"],
     }
     long_variant = Variant("long", chunks=args.long_chunks, switch_chunk=2)

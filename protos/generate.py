@@ -137,7 +137,9 @@ def compare(fresh_root: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--check", action="store_true", help="compare with a fresh generation instead of writing; exit 1 on any difference"
+        "--check",
+        action="store_true",
+        help="compare with a fresh generation instead of writing; exit 1 on any difference",
     )
     args = parser.parse_args(argv)
 

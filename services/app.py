@@ -19,7 +19,8 @@ from shared.config import AppConfig
 DEPLOYMENTS = ("encoder", "decoder", "generator", "studio", "jobs")
 STUDIO_SERVICER = "services.studio.wire.add_StudioServicer_to_server"  # parse-safe: bad bytes are INVALID_ARGUMENT
 EVAL_SERVICER = "fashionchameleon.v1.eval_pb2_grpc.add_EvalServicer_to_server"
-EVAL_APP = "fashionchameleon-eval"
+# grpc.health.v1.Health: the proxy routes Check/Watch/List to the Studio ingress (services/studio/health.py)
+HEALTH_SERVICER = "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"
 STICKY_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 
 
@@ -49,20 +50,26 @@ def build_app(config: AppConfig) -> serve.Application:
     def opts(gpus: float, replicas: int) -> dict:
         return {"num_replicas": replicas, "ray_actor_options": {"num_cpus": 0, "num_gpus": gpus}}
 
-    encoder = serve.deployment(
-        EncoderService, name="encoder", **opts(s.encoder_gpus, s.encoder_replicas)
-    ).bind(cj("encoder"))
+    encoder = serve.deployment(EncoderService, name="encoder", **opts(s.encoder_gpus, s.encoder_replicas)).bind(
+        cj("encoder")
+    )
     decoder = serve.deployment(
-        DecoderService, name="decoder", request_router_config=sticky_router(),
+        DecoderService,
+        name="decoder",
+        request_router_config=sticky_router(),
         **opts(s.decoder_gpus, s.decoder_replicas),
     ).bind(cj("decoder"))
     generator = serve.deployment(
         # Only open_session is routed by session id (a new id; later calls go through Redis), so
         # a dead replica's slot on the ring falls through to the next one: creates are not held
         # up until Serve notices the death.
-        GeneratorService, name="generator", request_router_config=sticky_router(fallback_replicas=2),
-        max_ongoing_requests=256, graceful_shutdown_timeout_s=60,
-        health_check_period_s=GENERATOR_HEALTH_CHECK_PERIOD_S, **opts(s.generator_gpus, s.generator_replicas),
+        GeneratorService,
+        name="generator",
+        request_router_config=sticky_router(fallback_replicas=2),
+        max_ongoing_requests=256,
+        graceful_shutdown_timeout_s=60,
+        health_check_period_s=GENERATOR_HEALTH_CHECK_PERIOD_S,
+        **opts(s.generator_gpus, s.generator_replicas),
     ).bind(cj("generator"), decoder, encoder)
     jobs = worker_deployment(config.for_deployment("jobs"), config.jobs)  # batch clips: same engine path, full speed
     return serve.deployment(

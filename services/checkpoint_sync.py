@@ -63,7 +63,7 @@ def validate_checkpoint_id(checkpoint_id: str) -> str:
 
 def _listing(store: ObjectStore, prefix: str) -> dict[str, dict]:
     return {
-        info.key[len(prefix):]: {"size": info.size, "etag": info.etag}
+        info.key[len(prefix) :]: {"size": info.size, "etag": info.etag}
         for info in store.list(prefix, recursive=True)
         if not info.is_prefix
     }
@@ -103,7 +103,11 @@ def _prune(dest: Path, keep: int, current: str) -> list[str]:
 
 
 def sync_checkpoint(
-    store: ObjectStore, checkpoint_id: str, dest: str | os.PathLike[str], *, prefix: str = "checkpoints/",
+    store: ObjectStore,
+    checkpoint_id: str,
+    dest: str | os.PathLike[str],
+    *,
+    prefix: str = "checkpoints/",
     keep: int = 0,
 ) -> dict:
     """Make `<dest>/<checkpoint_id>` an exact copy of the store's `<prefix><checkpoint_id>/`."""
@@ -151,8 +155,13 @@ def sync_checkpoint(
             status = "synced"
         removed = _prune(dest, keep, checkpoint_id) if keep > 0 else []
     return {
-        "status": status, "checkpoint_id": checkpoint_id, "path": str(target), "objects": len(listing),
-        "bytes": nbytes, "removed": removed, "seconds": round(time.monotonic() - started, 3),
+        "status": status,
+        "checkpoint_id": checkpoint_id,
+        "path": str(target),
+        "objects": len(listing),
+        "bytes": nbytes,
+        "removed": removed,
+        "seconds": round(time.monotonic() - started, 3),
     }
 
 
@@ -170,8 +179,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             config = config_from_env(environ)
         except ValueError as e:
             raise UsageError(f"configuration: {e}") from None
-        summary = sync_checkpoint(open_store(config.storage), args.checkpoint_id, args.dest, prefix=args.prefix,
-                                  keep=max(0, args.keep))
+        summary = sync_checkpoint(
+            open_store(config.storage), args.checkpoint_id, args.dest, prefix=args.prefix, keep=max(0, args.keep)
+        )
     except SyncError as e:
         print(json.dumps({"status": "error", "error": str(e)}), flush=True)
         print(f"checkpoint_sync: {e}", file=sys.stderr)

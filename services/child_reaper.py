@@ -158,7 +158,9 @@ def start(parent: int | None = None) -> subprocess.Popen | None:
         become_subreaper()
     return subprocess.Popen(
         [sys.executable, "-m", "services.child_reaper", "--parent", str(parent or os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         cwd=str(Path(__file__).resolve().parents[1]),  # `services` importable however it was installed
     )
 

@@ -6,6 +6,7 @@ filesystem store and every deployment on the tiny preset. Used by `fashionchamel
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -13,11 +14,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.config import AppConfig, AuthConfig, GeneratorConfig, ModelConfig, ServeConfig
-from shared.queue.config import RedisConfig
+from shared.runtime.config import EngineConfig
+from shared.sessionbus.config import RedisConfig
 from shared.storage.config import LocalStoreConfig, StorageConfig
 
 
@@ -52,7 +55,9 @@ class LocalRedis:
 
 
 def find_redis_server() -> str:
-    found = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None)
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").is_file() else None
+    )
     if found is None:
         raise RedisUnavailable("redis-server not found: install Redis or pass --redis-url")
     return found
@@ -81,9 +86,25 @@ def start_redis_server(
         port = free_port()
         log_path = folder / f"redis-{port}.log"
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(folder), "--logfile", str(log_path), *extra_args],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+                "--logfile",
+                str(log_path),
+                *extra_args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
         )
         redis = LocalRedis(f"redis://127.0.0.1:{port}/0", proc, folder, owns)
         deadline = time.monotonic() + timeout_s
@@ -112,9 +133,10 @@ def embedded_config(
     namespace: str = "fc",
     idle_ttl_s: float = 300.0,
     generator: dict | None = None,
+    decoder: str = "vae",
 ) -> AppConfig:
     return AppConfig(
-        model=ModelConfig(preset=preset, checkpoint=checkpoint),
+        model=ModelConfig(preset=preset, checkpoint=checkpoint, engine=EngineConfig(decoder=decoder)),
         redis=RedisConfig(url=redis_url, namespace=namespace, session_idle_ttl_s=idle_ttl_s),
         storage=StorageConfig(backend="local", local=LocalStoreConfig(root=store_root)),
         generator=GeneratorConfig(realtime=realtime, **(generator or {})),
@@ -150,8 +172,8 @@ class Embedded:
         """Shut Serve down (replicas drain gracefully), then Ray, redis and the temporary folders.
         With `serve_timeout_s`, Serve's graceful shutdown gets at most that long: Ray is then shut
         down whatever state Serve is in (its processes are killed)."""
-        from ray import serve
         import ray
+        from ray import serve
 
         with contextlib.suppress(Exception):
             if serve_timeout_s is None:
@@ -184,43 +206,119 @@ def start_child_reaper(parent: int | None = None) -> subprocess.Popen | None:
     return child_reaper.start(parent)
 
 
+Stage = Callable[[str], None]  # told what start-up does next ("starting Ray", "deploying 2/5", ...)
+
+RAY_LOGGERS = ("ray", "ray.serve")
+
+
+def quiet_ray() -> None:
+    """Keep Ray's own Python log lines off this process's stderr (the token-auth warning, Serve's
+    "New http_options... will not be applied" and other INFO lines, its shutdown warnings): only
+    errors show. Logs of Ray's other processes stay in its session folder (log_to_driver=False)."""
+    for name in RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _deploy_reporting(app, config: AppConfig, stage: Stage) -> None:
+    """`serve.run` (blocking until the application runs) while reporting how many of its
+    deployments are up, from Serve's status."""
+    import threading
+
+    from ray import serve
+
+    failure: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(app, name=config.serve.app_name, route_prefix="/", blocking=False)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            failure.append(e)
+
+    worker = threading.Thread(target=deploy, name="fc-serve-run", daemon=True)
+    worker.start()
+    shown = None
+    while worker.is_alive():
+        worker.join(1.0)
+        with contextlib.suppress(Exception):  # status is for show: never fail the start on it
+            status = serve.status().applications.get(config.serve.app_name)
+            if status is None or not status.deployments:
+                continue
+            total = len(status.deployments)
+            up = sorted(n for n, d in status.deployments.items() if d.status == "HEALTHY")
+            waiting = sorted(set(status.deployments) - set(up))
+            line = f"deploying {len(up)}/{total}" + (f" (starting: {', '.join(waiting)})" if waiting else "")
+            if line != shown:
+                stage(line)
+                shown = line
+    if failure:
+        raise failure[0]
+
+
 def start_app(
-    config: AppConfig, *, num_cpus: int | None = None, metrics_port: int | None = None,
+    config: AppConfig,
+    *,
+    num_cpus: int | None = None,
+    metrics_port: int | None = None,
     metrics_report_interval_ms: int | None = None,
+    quiet: bool = False,
+    stage: Stage | None = None,
 ) -> None:
     """Start Ray + Serve (gRPC on config.serve.grpc_port) and deploy the application.
 
     Ray exports application metrics (prefixed `ray_`) on `metrics_port` at /metrics.
+    quiet: only Ray's errors reach stderr (`quiet_ray`). stage: told each start-up step.
     """
+    if quiet:
+        quiet_ray()
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from services.app import EVAL_SERVICER, STUDIO_SERVICER, build_app
+    from services.app import EVAL_SERVICER, HEALTH_SERVICER, STUDIO_SERVICER, build_app
 
     # Ray's gRPC proxy refuses larger messages with RESOURCE_EXHAUSTED before any of our code
     # runs: two images at the upload limit plus room for the rest of a request.
     os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(2 * config.limits.max_image_bytes + 2**20))
     if not ray.is_initialized():
-        system_config = {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else None
+        system_config = (
+            {"metrics_report_interval_ms": metrics_report_interval_ms} if metrics_report_interval_ms else None
+        )
+        if stage:
+            stage("starting Ray")
         for attempt in range(2):  # a loaded machine can miss Ray's GCS start-up deadline once
             try:
                 ray.init(
-                    num_cpus=num_cpus or max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                    _metrics_export_port=metrics_port, _system_config=system_config,
+                    num_cpus=num_cpus or max(2, os.cpu_count() or 2),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _metrics_export_port=metrics_port,
+                    _system_config=system_config,
+                    **({"logging_level": logging.ERROR} if quiet else {}),
                 )
                 break
             except RuntimeError:
                 ray.shutdown()
                 if attempt:
                     raise
+    if quiet:
+        quiet_ray()  # again: ray.init configured its loggers
+    if stage:
+        stage("starting Serve")
     serve.start(
         grpc_options=gRPCOptions(
-            port=config.serve.grpc_port, grpc_servicer_functions=[STUDIO_SERVICER, EVAL_SERVICER]
+            # reflection (on by default in Ray 2.60) lists every registered service to generic clients
+            port=config.serve.grpc_port,
+            grpc_servicer_functions=[STUDIO_SERVICER, EVAL_SERVICER, HEALTH_SERVICER],
+            enable_reflection=True,
         ),
         http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),
     )
-    serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=False)
+    if quiet:
+        quiet_ray()  # serve.start set up the "ray.serve" logger
+    if stage:
+        _deploy_reporting(build_app(config), config, stage)
+    else:
+        serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=False)
 
 
 def start_embedded(
@@ -235,7 +333,13 @@ def start_embedded(
     realtime: bool = True,
     idle_ttl_s: float = 300.0,
     generator: dict | None = None,
+    decoder: str = "vae",
+    quiet: bool = False,
+    stage: Stage | None = None,
 ) -> Embedded:
+    """Everything `up` and `demo` run; `quiet` and `stage` as for `start_app`."""
+    if redis_url is None and stage is not None:
+        stage("starting Redis")
     redis = start_redis_server() if redis_url is None else None
     cleanup = []
     if store_root is None:
@@ -243,13 +347,21 @@ def start_embedded(
         cleanup.append(lambda: shutil.rmtree(store_root, ignore_errors=True))
     key = api_key or f"dev-{secrets.token_urlsafe(18)}"
     config = embedded_config(
-        preset=preset, checkpoint=checkpoint, redis_url=redis_url or redis.url, store_root=store_root,
-        api_keys={tenant: key}, grpc_port=grpc_port or free_port(), http_port=free_port(), realtime=realtime,
-        idle_ttl_s=idle_ttl_s, generator=generator,
+        preset=preset,
+        checkpoint=checkpoint,
+        redis_url=redis_url or redis.url,
+        store_root=store_root,
+        api_keys={tenant: key},
+        grpc_port=grpc_port or free_port(),
+        http_port=free_port(),
+        realtime=realtime,
+        idle_ttl_s=idle_ttl_s,
+        generator=generator,
+        decoder=decoder,
     )
     embedded = Embedded(config, key, redis, cleanup)
     try:
-        start_app(config)
+        start_app(config, quiet=quiet, stage=stage)
     except Exception:
         embedded.stop()
         raise

@@ -17,11 +17,10 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from shared.jobs.config import JobsConfig
-from shared.queue.config import RedisConfig
-from shared.runtime.pipeline import EngineConfig
+from shared.runtime.config import EngineConfig
+from shared.sessionbus.config import RedisConfig
 from shared.storage.catalog import DEFAULT_TENANT, validate_slug
 from shared.storage.config import StorageConfig
-
 
 S3_ACCESS_KEY_ENV = "FASHIONCHAMELEON_S3_ACCESS_KEY"
 S3_SECRET_KEY_ENV = "FASHIONCHAMELEON_S3_SECRET_KEY"
@@ -77,7 +76,11 @@ class ModelConfig(_Frozen):
 
     @property
     def model_id(self) -> str:
-        return f"checkpoint:{Path(self.checkpoint).name}" if self.checkpoint else f"random:{self.preset}:{self.weights_seed}"
+        return (
+            f"checkpoint:{Path(self.checkpoint).name}"
+            if self.checkpoint
+            else f"random:{self.preset}:{self.weights_seed}"
+        )
 
 
 class GeneratorConfig(_Frozen):
@@ -92,6 +95,9 @@ class GeneratorConfig(_Frozen):
     control_poll_s: float = Field(default=0.05, gt=0)
     reaper_interval_s: float = Field(default=2.0, gt=0)
     open_attempts: int = Field(default=3, ge=1)  # studio re-hashes to another replica when one is full
+    # A create waits this long for a generator replica to take it (none may be up: one was killed
+    # and Serve is replacing it), then answers UNAVAILABLE with RetryInfo instead of hanging.
+    open_timeout_s: float = Field(default=10.0, gt=0)
     drain_timeout_s: float = Field(default=50.0, ge=0)  # keep below Serve's graceful_shutdown_timeout_s
     save_clips: bool = True
     recovery: bool = True  # persist session state so another replica rebuilds a session whose replica died  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
@@ -194,7 +200,7 @@ class AuthConfig(_Frozen):
         for tenant, digest in self._pairs():
             if digest not in by_tenant.setdefault(tenant, []):
                 by_tenant[tenant].append(digest)
-        return AuthConfig(api_key_digests=by_tenant)
+        return AuthConfig(api_key_digests={tenant: tuple(d) for tenant, d in by_tenant.items()})
 
 
 def _check_tenant(tenant: str) -> None:
@@ -207,8 +213,13 @@ def _without_url_credentials(url: str) -> str:
     """`url` minus user:password and any username/password query parameters."""
     parts = urlsplit(url)
     netloc = parts.netloc.rpartition("@")[2]
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-                       if k.lower() not in ("password", "username", "user")])
+    query = urlencode(
+        [
+            (k, v)
+            for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            if k.lower() not in ("password", "username", "user")
+        ]
+    )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -273,11 +284,11 @@ class AppConfig(_Frozen):
         return self.model_copy(update=update)
 
     @classmethod
-    def from_json(cls, text: str) -> "AppConfig":
+    def from_json(cls, text: str) -> AppConfig:
         return cls.model_validate_json(text)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "AppConfig":
+    def from_env(cls, environ: dict[str, str] | None = None) -> AppConfig:
         """The one place configuration is read from the environment (containers, Helm):
         `FASHIONCHAMELEON_CONFIG` (JSON file path or inline JSON, no secrets) plus secrets from
         Kubernetes Secrets: `FASHIONCHAMELEON_API_KEYS` (JSON tenant -> key, or a list of keys

@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import re
-import socket
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -91,7 +90,9 @@ def encode_jpeg(img: Image.Image | np.ndarray, max_side: int, quality: int) -> s
     img = img.convert("RGB")
     scale = max_side / max(img.size)
     if scale < 1:
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC
+        )
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -133,7 +134,7 @@ def post_json(url: str, headers: dict, body: dict, timeout_s: float) -> dict:
         if e.code in TRANSIENT_HTTP:
             raise Transient(msg, _retry_after(e.headers)) from None
         raise Permanent(msg) from None
-    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         raise Transient(f"connection error: {getattr(e, 'reason', e)}") from None
     try:
         return json.loads(raw)

@@ -17,7 +17,7 @@ import hashlib
 import os
 import threading
 import urllib.request
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -98,7 +98,7 @@ class ObjectStoreContract:
         assert (put.size, put.content_type, dict(put.metadata)) == (11, "video/mp4", {"tenant": "acme"})
         assert (st.size, st.content_type, dict(st.metadata)) == (11, "video/mp4", {"tenant": "acme"})
         assert st.last_modified is not None and st.last_modified.tzinfo is not None
-        assert abs(datetime.now(timezone.utc) - st.last_modified) < timedelta(minutes=5)
+        assert abs(datetime.now(UTC) - st.last_modified) < timedelta(minutes=5)
         assert not st.is_prefix
 
     def test_content_type_guessed_from_key(self, store: ObjectStore) -> None:
@@ -113,7 +113,11 @@ class ObjectStoreContract:
         store.put_bytes("m/obj.png", b"x", metadata=meta)
         st = store.stat("m/obj.png")
         assert st.content_type == "image/png"
-        assert dict(st.metadata) == {"content-type": "text/evil", "cache-control": "no-store", "x-amz-acl": "public-read"}
+        assert dict(st.metadata) == {
+            "content-type": "text/evil",
+            "cache-control": "no-store",
+            "x-amz-acl": "public-read",
+        }
 
     @pytest.mark.parametrize(
         "meta",

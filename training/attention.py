@@ -28,7 +28,9 @@ def _compiled_flex():
 class FlexAttention:
     """RoPE at `frame_positions` + flex attention under a frame-level mask [Lf, Lf]."""
 
-    def __init__(self, rope: RopeTable, frame_positions: list[int], frame_mask: torch.Tensor, compile: bool | None = None):
+    def __init__(
+        self, rope: RopeTable, frame_positions: list[int], frame_mask: torch.Tensor, compile: bool | None = None
+    ):
         from torch.nn.attention.flex_attention import create_block_mask
 
         self.cos, self.sin = rope.cos_sin(frame_positions)

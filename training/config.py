@@ -197,7 +197,13 @@ def _full_5b() -> Recipe:
 
 def _tiny() -> Recipe:
     """CPU, seconds per stage: 2 x 3-frame chunks, fp32, no FSDP unless several ranks."""
-    cpu = {"device": "cpu", "attention_backend": "math", "checkpoint_every": 10, "tensorboard": False, "progress": False}
+    cpu = {
+        "device": "cpu",
+        "attention_backend": "math",
+        "checkpoint_every": 10,
+        "tensorboard": False,
+        "progress": False,
+    }
     par = ParallelConfig(param_dtype="float32", activation_checkpointing=False)
     tiny = ModelSource(preset="tiny")
     data = DataConfig(latent_frames=6, batch_size=1)
@@ -234,7 +240,13 @@ def _toy() -> Recipe:
     """The toy try-on world (shared/toyworld) on a 2-core CPU: `fashionchameleon train toy` runs
     stage 0 (VAE) and these three stages; model sources are set by that command (its init folder and
     each stage's export). Clips of 12 latent frames (45 pixel frames) = the streaming span 2 + 12."""
-    cpu = {"device": "cpu", "attention_backend": "math", "checkpoint_every": 100, "tensorboard": False, "progress": True}
+    cpu = {
+        "device": "cpu",
+        "attention_backend": "math",
+        "checkpoint_every": 100,
+        "tensorboard": False,
+        "progress": True,
+    }
     par = ParallelConfig(param_dtype="float32", activation_checkpointing=False)
     toy = ModelSource(preset="toy")
     data = DataConfig(latent_frames=12, batch_size=8)

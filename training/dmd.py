@@ -1,7 +1,8 @@
 """Stage 3: gradient-reweighted DMD with Self-Forcing rollouts (paper 4.2, Eq. 3 and 6).
 
 * Generator: the teacher-forced few-step model, rolled out chunk by chunk through the inference
-  code itself (`StreamingSession.rollout_chunk`: same noise, KV cache, RoPE and context pass).
+  code itself (the session orchestrator, `VideoSession.rollout_chunk`: same noise, KV cache, RoPE
+  and context pass).
   Each chunk stops at a random exit step of the [1000, 750, 500, 250] schedule; only that
   step's forward keeps a graph, so gradients flow through the exit steps alone.
 * Real score: the frozen bidirectional teacher. Fake score: a copy of the teacher trained with
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from shared.models.dit import DenseAttention
 from shared.models.presets import Preset
 from shared.models.rope import RopeTable
-from shared.runtime.session import StreamingSession
+from shared.runtime.pipeline import VideoSession
 
 from .config import DMDStage
 from .flow import add_noise, keyed_generator, sample_sigmas, stack_noise
@@ -30,8 +31,9 @@ from .rewards import FrameReward, frame_weights
 from .teacher import in_context_sequence
 
 
-def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor,
-             weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def dmd_loss(
+    x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, weighted normalised gradient g) for generator samples x0 [B, C, F, h, w].
 
     fake_x0/real_x0 are the score networks' x0 predictions (no graph); weights [B, F] or None.
@@ -49,8 +51,17 @@ def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_x0: torch.Tensor,
 class GRDMD:
     """Rollouts and the two losses of GR-DMD; the trainer owns models and optimizers."""
 
-    def __init__(self, preset: Preset, cfg: DMDStage, seed: int, rope: RopeTable, reward: FrameReward | None,
-                 null_text: torch.Tensor | None, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        preset: Preset,
+        cfg: DMDStage,
+        seed: int,
+        rope: RopeTable,
+        reward: FrameReward | None,
+        null_text: torch.Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         st = preset.streaming
         if cfg.data.latent_frames % st.chunk_frames:
             raise ValueError(f"latent_frames={cfg.data.latent_frames} is not a multiple of chunk_frames")
@@ -82,12 +93,16 @@ class GRDMD:
         exits = self.exit_steps(step, role)
         videos = []
         for b, position in enumerate(positions):
-            seed = int(torch.randint(0, 2**62, (1,), generator=keyed_generator(self.seed, "dmd-rollout", role, position)))
-            session = StreamingSession(generator, self.preset, self.device, self.dtype, rope=self.rope)
-            session.open(batch["reference"][b : b + 1], batch["garment"][b : b + 1], batch["text_full"][b : b + 1], seed)
+            seed = int(
+                torch.randint(0, 2**62, (1,), generator=keyed_generator(self.seed, "dmd-rollout", role, position))
+            )
+            session = VideoSession.of_model(generator, self.preset, self.device, self.dtype, rope=self.rope)
+            session.open_latents(
+                batch["reference"][b : b + 1], batch["garment"][b : b + 1], batch["text_full"][b : b + 1], seed
+            )
             # Inference caches the projected prompt per session; here it keeps a graph so the exit
             # steps train the text projection too (the cond pass in `open` stays graph-free).
-            session.text = generator.embed_text(session.text_raw).to(self.dtype)
+            session.project_text_with_grad()
             videos.append(torch.cat([session.rollout_chunk(e) for e in exits], dim=2))
             session.close()
         return torch.cat(videos, dim=0)
@@ -116,8 +131,9 @@ class GRDMD:
         return x_t.float() - sigma[:, None, :, None, None] * v
 
     # ---- losses ------------------------------------------------------------------------------
-    def generator_loss(self, generator: TrainDiT, fake: TrainDiT, real: TrainDiT, batch: dict,
-                       positions: list[int], step: int) -> tuple[torch.Tensor, dict]:
+    def generator_loss(
+        self, generator: TrainDiT, fake: TrainDiT, real: TrainDiT, batch: dict, positions: list[int], step: int
+    ) -> tuple[torch.Tensor, dict]:
         x0 = self.rollout(generator, batch, positions, step, "generator")  # graph through exit steps
         with torch.no_grad():
             x_t, _, sigma = self._noised(x0.detach(), positions, "dmd-generator-noise")
@@ -132,8 +148,9 @@ class GRDMD:
         loss, grad = dmd_loss(x0.float(), fake_x0, real_x0, weights)
         return loss, {"generator_loss": loss.detach(), "dmd_grad_norm": grad.norm().float(), **metrics}
 
-    def fake_loss(self, generator: TrainDiT, fake: TrainDiT, batch: dict, positions: list[int],
-                  step: int) -> tuple[torch.Tensor, dict]:
+    def fake_loss(
+        self, generator: TrainDiT, fake: TrainDiT, batch: dict, positions: list[int], step: int
+    ) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             x0 = self.rollout(generator, batch, positions, step, "fake")
             x_t, eps, sigma = self._noised(x0, positions, "dmd-fake-noise")

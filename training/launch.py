@@ -22,8 +22,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, recipe_json: str, stages: list[str], run_root: str,
-            threads: int) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, recipe_json: str, stages: list[str], run_root: str, threads: int
+) -> None:
     from .parallel import init_distributed, shutdown
     from .trainer import make_run
 
@@ -40,9 +41,14 @@ def _worker(rank: int, world_size: int, port: int, recipe_json: str, stages: lis
         shutdown()
 
 
-def launch_local(recipe: Recipe, stages: list[str], run_root: str | Path, world_size: int,
-                 threads: int = 1) -> dict[str, list[dict]]:
+def launch_local(
+    recipe: Recipe, stages: list[str], run_root: str | Path, world_size: int, threads: int = 1
+) -> dict[str, list[dict]]:
     """Run `stages` in `world_size` local processes; returns {stage: rank-0 metrics rows}."""
-    mp.spawn(_worker, args=(world_size, _free_port(), recipe.model_dump_json(), list(stages), str(run_root), threads),
-             nprocs=world_size, join=True)
+    mp.spawn(
+        _worker,
+        args=(world_size, _free_port(), recipe.model_dump_json(), list(stages), str(run_root), threads),
+        nprocs=world_size,
+        join=True,
+    )
     return {stage: read_metrics(Path(run_root) / stage) for stage in stages}

@@ -68,7 +68,13 @@ def memory_plan(preset: Preset, stage: str, world_size: int, latent_frames: int 
     kv = KVCacheSpec.from_preset(preset, torch.bfloat16).bytes if stage == "dmd" else 0
     gib = lambda x: round(x / GiB, 1)
     return MemoryPlan(
-        stage=stage, world_size=world_size, parameters=total, tokens=tokens,
-        model_states_gib=gib(states), compute_params_gib=gib(compute), activations_gib=gib(act),
-        kv_cache_gib=gib(kv), total_gib=gib(states + compute + act + kv),
+        stage=stage,
+        world_size=world_size,
+        parameters=total,
+        tokens=tokens,
+        model_states_gib=gib(states),
+        compute_params_gib=gib(compute),
+        activations_gib=gib(act),
+        kv_cache_gib=gib(kv),
+        total_gib=gib(states + compute + act + kv),
     )

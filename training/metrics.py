@@ -14,7 +14,9 @@ TENSORBOARD_AVAILABLE = importlib.util.find_spec("tensorboard") is not None
 
 
 class MetricLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int = 0):
+    def __init__(
+        self, run_dir: str | Path, enabled: bool, tensorboard: bool, progress: bool, total: int, initial: int = 0
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None

@@ -58,7 +58,9 @@ def source_preset(source: ModelSource) -> Preset:
 def load_dit(source: ModelSource, dtype: torch.dtype = torch.float32) -> TrainDiT:
     """The DiT of a model source, in `dtype` (fp32 master weights for training)."""
     if source.checkpoint is None:
-        dit = build_random(get_preset(source.preset), seed=source.weights_seed, dtype=dtype, parts=frozenset({"dit"})).dit
+        dit = build_random(
+            get_preset(source.preset), seed=source.weights_seed, dtype=dtype, parts=frozenset({"dit"})
+        ).dit
     else:
         dit = InContextWanDiT.from_pretrained(Path(source.checkpoint) / "transformer", dtype=dtype)
     return TrainDiT(dit.transformer).train()
@@ -89,8 +91,9 @@ def apply_finetune(dit: TrainDiT, cfg: FinetuneConfig) -> list[nn.Parameter]:
 
         dit.requires_grad_(False)
         targets = [f"attn{i}.{t}" for i in (1, 2) for t in cfg.lora_targets]
-        dit.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                               init_lora_weights=True))
+        dit.transformer.add_adapter(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, init_lora_weights=True)
+        )
         for name, p in dit.named_parameters():
             p.requires_grad_("lora_" in name)
     else:

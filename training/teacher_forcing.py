@@ -46,8 +46,16 @@ def teacher_forcing_sequence(
 class TeacherForcingObjective:
     name = "teacher_forcing"
 
-    def __init__(self, preset: Preset, flow: FlowConfig, data: DataConfig, seed: int, rope: RopeTable,
-                 per_chunk_timesteps: bool = True, attention: str = "dense"):
+    def __init__(
+        self,
+        preset: Preset,
+        flow: FlowConfig,
+        data: DataConfig,
+        seed: int,
+        rope: RopeTable,
+        per_chunk_timesteps: bool = True,
+        attention: str = "dense",
+    ):
         st = preset.streaming
         if data.latent_frames % st.chunk_frames:
             raise ValueError(f"latent_frames={data.latent_frames} is not a multiple of chunk_frames={st.chunk_frames}")

@@ -52,22 +52,30 @@ class ToyPlan:
     pixel_frames: int = CLIP_PIXEL_FRAMES
 
     @classmethod
-    def full(cls) -> "ToyPlan":
+    def full(cls) -> ToyPlan:
         return cls(VAETrainConfig(), samples=1000, teacher_steps=1300, tf_steps=450, dmd_steps=150)
 
     @classmethod
-    def quick(cls) -> "ToyPlan":
-        return cls(VAETrainConfig(steps=40, long_from=30, checkpoint_every=20, stats_samples=8), samples=8, teacher_steps=30,
-                   tf_steps=10, dmd_steps=5, pixel_frames=45)
+    def quick(cls) -> ToyPlan:
+        return cls(
+            VAETrainConfig(steps=40, long_from=30, checkpoint_every=20, stats_samples=8),
+            samples=8,
+            teacher_steps=30,
+            tf_steps=10,
+            dmd_steps=5,
+            pixel_frames=45,
+        )
 
 
-def raw_samples(count: int, split: str, preset: Preset, pixel_frames: int = CLIP_PIXEL_FRAMES,
-                start: int = 0) -> Iterator[RawSample]:
+def raw_samples(
+    count: int, split: str, preset: Preset, pixel_frames: int = CLIP_PIXEL_FRAMES, start: int = 0
+) -> Iterator[RawSample]:
     st = preset.streaming
     for i in range(start, start + count):
         s = make_sample(i, split, pixel_frames, st.height, st.width, st.fps)
-        yield RawSample(s.id, Image.fromarray(s.reference), Image.fromarray(s.garment), s.video,
-                        s.static_caption, s.dynamic_caption)
+        yield RawSample(
+            s.id, Image.fromarray(s.reference), Image.fromarray(s.garment), s.video, s.static_caption, s.dynamic_caption
+        )
 
 
 def build_init(vae: VideoVAE, out: Path, seed: int = 0) -> Path:
@@ -142,8 +150,15 @@ def run_toy(out_dir: str | Path, plan: ToyPlan | None = None, progress=None, log
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     preset = get_preset(PRESET)
-    summary: dict = {"plan": {"samples": plan.samples, "vae_steps": plan.vae.steps, "teacher_steps": plan.teacher_steps,
-                              "tf_steps": plan.tf_steps, "dmd_steps": plan.dmd_steps}}
+    summary: dict = {
+        "plan": {
+            "samples": plan.samples,
+            "vae_steps": plan.vae.steps,
+            "teacher_steps": plan.teacher_steps,
+            "tf_steps": plan.tf_steps,
+            "dmd_steps": plan.dmd_steps,
+        }
+    }
 
     vae_dir = out / "stage0-vae"
     if not (vae_dir / "vae" / "config.json").exists():
@@ -175,9 +190,21 @@ def run_toy(out_dir: str | Path, plan: ToyPlan | None = None, progress=None, log
     ckpt_teacher, ckpt_tf, ckpt_student = out / "ckpt-teacher", out / "ckpt-teacher-forcing", out / "ckpt-student"
     stages = [
         ("teacher", {"teacher.model": {**src, "checkpoint": str(init)}}, plan.teacher_steps, ckpt_teacher),
-        ("teacher_forcing", {"teacher_forcing.model": {**src, "checkpoint": str(ckpt_teacher)}}, plan.tf_steps, ckpt_tf),
-        ("dmd", {"dmd.generator": {**src, "checkpoint": str(ckpt_tf)},
-                 "dmd.score": {**src, "checkpoint": str(ckpt_teacher)}}, plan.dmd_steps, ckpt_student),
+        (
+            "teacher_forcing",
+            {"teacher_forcing.model": {**src, "checkpoint": str(ckpt_teacher)}},
+            plan.tf_steps,
+            ckpt_tf,
+        ),
+        (
+            "dmd",
+            {
+                "dmd.generator": {**src, "checkpoint": str(ckpt_tf)},
+                "dmd.score": {**src, "checkpoint": str(ckpt_teacher)},
+            },
+            plan.dmd_steps,
+            ckpt_student,
+        ),
     ]
     for stage, sources, steps, ckpt in stages:
         overrides = {**sources, f"{stage}.data.root": str(data), f"{stage}.run.max_steps": steps}
@@ -208,11 +235,16 @@ def run_plain_dmd(out_dir: str | Path, plan: ToyPlan | None = None) -> dict:
     plan = plan or ToyPlan.full()
     out = Path(out_dir)
     src = {"preset": PRESET}
-    recipe = load_recipe("toy", {
-        "dmd.generator": {**src, "checkpoint": str(out / "ckpt-teacher-forcing")},
-        "dmd.score": {**src, "checkpoint": str(out / "ckpt-teacher")},
-        "dmd.data.root": str(out / "data"), "dmd.run.max_steps": plan.dmd_steps, "dmd.reward.kind": "constant",
-    })
+    recipe = load_recipe(
+        "toy",
+        {
+            "dmd.generator": {**src, "checkpoint": str(out / "ckpt-teacher-forcing")},
+            "dmd.score": {**src, "checkpoint": str(out / "ckpt-teacher")},
+            "dmd.data.root": str(out / "data"),
+            "dmd.run.max_steps": plan.dmd_steps,
+            "dmd.reward.kind": "constant",
+        },
+    )
     ckpt = out / "ckpt-student-plain"
     if not (ckpt / "training.json").exists():
         _stage(recipe, "dmd", out / "dmd-plain", plan.dmd_steps)

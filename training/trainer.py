@@ -17,7 +17,8 @@ from torch import nn
 
 from shared.models.attention import use_attention_backend
 from shared.models.rope import RopeTable
-from shared.storage.config import StorageConfig, open_store
+from shared.storage.config import StorageConfig
+from shared.storage.factory import open_store
 
 from .checkpointing import CheckpointManager
 from .config import (
@@ -84,8 +85,17 @@ class _Run:
 
     stage_name: str
 
-    def __init__(self, recipe: Recipe, stage_name: str, run_dir: str | Path, info: DistInfo, preset, data: DataConfig,
-                 run_cfg, credentials=None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        stage_name: str,
+        run_dir: str | Path,
+        info: DistInfo,
+        preset,
+        data: DataConfig,
+        run_cfg,
+        credentials=None,
+    ):
         self.recipe, self.stage_name, self.info = recipe, stage_name, info
         self.run_dir = Path(run_dir)
         self.run_cfg = run_cfg
@@ -96,8 +106,13 @@ class _Run:
         self.batch = data.batch_size
         self.accum = run_cfg.grad_accum
         self.stream = SampleStream(
-            self.dataset, seed=run_cfg.seed, per_rank=self.batch * self.accum, rank=info.rank,
-            world_size=info.world_size, latent_frames=data.latent_frames, shuffle=data.shuffle,
+            self.dataset,
+            seed=run_cfg.seed,
+            per_rank=self.batch * self.accum,
+            rank=info.rank,
+            world_size=info.world_size,
+            latent_frames=data.latent_frames,
+            shuffle=data.shuffle,
         )
         self.rope = RopeTable(preset.dit.attention_head_dim, preset.token_grid(), device=info.device)
         self.checkpoints = CheckpointManager(self.run_dir, info, run_cfg.keep_checkpoints)
@@ -165,7 +180,9 @@ class SupervisedRun(_Run):
 
     def __init__(self, recipe: Recipe, stage_name: str, run_dir, info: DistInfo, credentials=None):
         stage: TeacherStage | TeacherForcingStage = recipe.stage(stage_name)
-        super().__init__(recipe, stage_name, run_dir, info, source_preset(stage.model), stage.data, stage.run, credentials)
+        super().__init__(
+            recipe, stage_name, run_dir, info, source_preset(stage.model), stage.data, stage.run, credentials
+        )
         self.cfg = stage
         model = load_dit(stage.model)
         apply_finetune(model, stage.finetune)
@@ -266,13 +283,19 @@ class DMDRun(_Run):
         obj, step = self.objective, self.step
         if step % self.cfg.fake_updates_per_generator == 0:
             gen = self._update(
-                self.gen_optimizer, self.gen_params, self.cfg.generator_optim, self.generator_steps,
+                self.gen_optimizer,
+                self.gen_params,
+                self.cfg.generator_optim,
+                self.generator_steps,
                 lambda b, p: obj.generator_loss(self.generator, self.fake, self.real, b, p, step),
             )
             self.generator_steps += 1
             out.update({k if k != "grad_norm" else "generator_grad_norm": v for k, v in gen.items()})
         fake = self._update(
-            self.fake_optimizer, self.fake_params, self.cfg.fake_optim, self.fake_steps,
+            self.fake_optimizer,
+            self.fake_params,
+            self.cfg.fake_optim,
+            self.fake_steps,
             lambda b, p: obj.fake_loss(self.generator, self.fake, b, p, step),
         )
         self.fake_steps += 1

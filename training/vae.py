@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from shared.media.images import prepare_garment, to_tensor
+from shared.media.image_tensors import to_tensor
+from shared.media.images import prepare_garment
 from shared.models.presets import Preset
 from shared.models.vae import VideoVAE
 from shared.toyworld.render import render_clip, render_garment, sample_scene
@@ -61,7 +62,9 @@ def _pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
 
 
-def toy_batch(preset: Preset, rng: np.random.Generator, clips: int, frames: int, images: int) -> tuple[torch.Tensor, torch.Tensor]:
+def toy_batch(
+    preset: Preset, rng: np.random.Generator, clips: int, frames: int, images: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(clips [B, 3, frames, H, W], images [B', 3, 1, H, W]) of training-split pixels."""
     st = preset.streaming
     vids = []
@@ -111,8 +114,13 @@ def _lr(cfg: VAETrainConfig, step: int) -> float:
     return cfg.min_lr + 0.5 * (top - cfg.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def train_vae(preset: Preset, run_dir: str | Path, cfg: VAETrainConfig = VAETrainConfig(), progress=None,
-              max_steps: int | None = None) -> VideoVAE:
+def train_vae(
+    preset: Preset,
+    run_dir: str | Path,
+    cfg: VAETrainConfig = VAETrainConfig(),
+    progress=None,
+    max_steps: int | None = None,
+) -> VideoVAE:
     """Train (or resume) the preset's VAE in `run_dir`; returns it with latent stats set once finished."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -137,8 +145,13 @@ def train_vae(preset: Preset, run_dir: str | Path, cfg: VAETrainConfig = VAETrai
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
         long = step >= cfg.long_from
-        clips, images = toy_batch(preset, rng, cfg.long_clips_per_step if long else cfg.clips_per_step,
-                                  cfg.long_clip_frames if long else cfg.clip_frames, cfg.images_per_step)
+        clips, images = toy_batch(
+            preset,
+            rng,
+            cfg.long_clips_per_step if long else cfg.clips_per_step,
+            cfg.long_clip_frames if long else cfg.clip_frames,
+            cfg.images_per_step,
+        )
         t0 = time.perf_counter()
         loss_c, parts = _recon_loss(vae, clips, cfg.kl_weight)
         loss_i, parts_i = _recon_loss(vae, images, cfg.kl_weight)
@@ -148,15 +161,28 @@ def train_vae(preset: Preset, run_dir: str | Path, cfg: VAETrainConfig = VAETrai
         torch.nn.utils.clip_grad_norm_(vae.module.parameters(), 1.0)
         opt.step()
         step += 1
-        row = {"step": step, "loss": loss.item(), **parts, "image_l1": parts_i["l1"], "seconds": time.perf_counter() - t0}
+        row = {
+            "step": step,
+            "loss": loss.item(),
+            **parts,
+            "image_l1": parts_i["l1"],
+            "seconds": time.perf_counter() - t0,
+        }
         log.write(json.dumps(row) + "\n")
         log.flush()
         if bar:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", l1=f"{row['l1']:.4f}")
         if step % cfg.checkpoint_every == 0 or step == stop:
-            torch.save({"model": vae.module.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "rng": rng.bit_generator.state}, state_path.with_suffix(".tmp"))
+            torch.save(
+                {
+                    "model": vae.module.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "rng": rng.bit_generator.state,
+                },
+                state_path.with_suffix(".tmp"),
+            )
             state_path.with_suffix(".tmp").replace(state_path)
     if bar:
         bar.close()
@@ -178,10 +204,12 @@ def with_latent_stats(vae: VideoVAE, preset: Preset, cfg: VAETrainConfig) -> Vid
             zs.append(vae.module.encode(x).latent_dist.mode().transpose(0, 1).reshape(vae.z_dim, -1))
     z = torch.cat(zs, dim=1)
     mean, std = z.mean(dim=1), z.std(dim=1).clamp_min(1e-3)
-    cfg_new = vae.config.model_copy(update={
-        "latents_mean": tuple(round(float(v), 5) for v in mean),
-        "latents_std": tuple(round(float(v), 5) for v in std),
-    })
+    cfg_new = vae.config.model_copy(
+        update={
+            "latents_mean": tuple(round(float(v), 5) for v in mean),
+            "latents_std": tuple(round(float(v), 5) for v in std),
+        }
+    )
     out = VideoVAE.build(cfg_new)
     out.module.load_state_dict(vae.module.state_dict())
     return VideoVAE(out.module.eval())
@@ -204,4 +232,8 @@ def heldout_psnr(vae: VideoVAE, preset: Preset, samples: int = 8, frames: int = 
         dec = StreamingDecoder(vae)
         parts = [dec.decode_chunk(lat[:, :, i : i + 3]) for i in range(0, lat.shape[2], 3)]
         stream_diff = max(stream_diff, float((torch.cat(parts, dim=2).clamp(-1, 1) - whole).abs().max()))
-    return {"psnr_db": float(np.mean(scores)), "psnr_min_db": float(np.min(scores)), "stream_vs_whole_max_abs": stream_diff}
+    return {
+        "psnr_db": float(np.mean(scores)),
+        "psnr_min_db": float(np.min(scores)),
+        "stream_vs_whole_max_abs": stream_diff,
+    }

@@ -16,14 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shared.media.video import Mp4Writer
-from shared.models.checkpoint import CheckpointError, build_random, read_preset
-from shared.models.presets import Preset, get_preset
-from shared.models.text_encoder import validate_prompt
-from shared.runtime.pipeline import Engine, EngineConfig
-from shared.runtime.session import SwitchOptions
-
-from .common import (
+from shared.cli import (
     CliError,
     add_engine_arguments,
     check_output_file,
@@ -32,6 +25,14 @@ from .common import (
     read_image,
     shipped_checkpoint,
 )
+from shared.media.video import Mp4Writer
+from shared.models.checkpoint import CheckpointError, build_random, read_preset
+from shared.models.presets import Preset, get_preset
+from shared.models.prompts import validate_prompt
+from shared.runtime.config import EngineConfig
+from shared.runtime.pipeline import DTYPES, Engine
+from shared.runtime.session import SwitchOptions
+
 from .stats import ChunkTiming, stream_rates
 
 DESCRIPTION = """\
@@ -69,8 +70,11 @@ class GenerateRequest:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate a try-on clip (MP4)", description=DESCRIPTION)
     source = p.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="DIR",
-                        help="checkpoint folder (diffusers pipeline layout; default: the shipped toy model, checkpoints/toy)")
+    source.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="checkpoint folder (diffusers pipeline layout; default: the shipped toy model, checkpoints/toy)",
+    )
     source.add_argument("--preset", metavar="NAME", help="random weights of a preset (see `fashionchameleon presets`)")
     p.add_argument("--reference", required=True, metavar="IMG", help="photo of the person")
     p.add_argument("--garment", required=True, metavar="IMG", help="garment image worn from the first chunk")
@@ -170,7 +174,7 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
 
 def build_engine(req: GenerateRequest) -> Engine:
     if req.checkpoint is None:
-        return Engine(build_random(req.preset, req.weights_seed, req.config.torch_dtype), req.config)
+        return Engine(build_random(req.preset, req.weights_seed, DTYPES[req.config.dtype]), req.config)
     try:
         return Engine.from_checkpoint(req.checkpoint, req.config)
     except (CheckpointError, OSError) as e:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import argparse
 
+from shared.cli import print_json
 from shared.models.presets import PRESETS, Preset
 from shared.runtime.kv_cache import KVCacheSpec
 from shared.runtime.pipeline import DTYPES
-
-from .common import print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +34,8 @@ def describe(preset: Preset, dtype_name: str) -> dict:
         "head_dim": preset.dit.attention_head_dim,
         "tokens_per_frame": preset.tokens_per_frame(),
         "max_cache_frames": st.max_cache_frames,
+        "attended_frames": preset.attended_frames,  # cond + sink + window + chunk (latent frames)
+        "trained_frames": preset.trained_frames,  # the recipe's sequence length, cond included
         "kv_cache_dtype": dtype_name,
         "kv_cache_bytes_per_frame": spec.bytes_per_frame,
         "kv_cache_bytes": spec.bytes,

@@ -1,7 +1,9 @@
 """`fashionchameleon up` (the embedded default) and `fashionchameleon demo` (a scripted session).
 
 `up` starts a local Ray, a local redis-server (unless --redis-url), the local filesystem store
-and all deployments, prints where it listens as JSON and serves until interrupted. `demo`
+(DEFAULT_STORE, kept after exit) and all deployments, prints where it listens as JSON and
+serves until interrupted. Both report their start-up stages with elapsed time on stderr; Ray's
+own log lines stay off stderr unless `fashionchameleon -v`. `demo`
 talks to a running Studio (--target) or starts the embedded default itself, opens a session,
 switches garment twice, saves the MP4 and prints latency figures.
 """
@@ -10,26 +12,35 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import os
 import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .common import CliError, print_json, shipped_checkpoint
+from shared.cli import CliError, print_json, shipped_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DEMO_PROMPT = "The person waves with the right hand steadily."  # a caption of the toy world
+DEFAULT_STORE = "fashionchameleon-store"  # `up`'s object store: in the current folder, kept after exit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     up = subparsers.add_parser("up", help="start the embedded default service suite and serve until interrupted")
     _model_args(up)
     up.add_argument("--redis-url", help="use this Redis instead of starting a local redis-server")
-    up.add_argument("--store", help="folder of the local object store (default: a temporary folder)")
+    up.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        metavar="DIR",
+        help=f"folder of the local object store, kept after exit: saved clips land in "
+        f"DIR/clips/<tenant>/<session>.mp4 (default: ./{DEFAULT_STORE})",
+    )
     up.add_argument("--grpc-port", type=int, default=9000, help="Studio gRPC port (default 9000)")
     up.add_argument("--api-key", help="API key for tenant 'dev' (default: a random one, printed)")
     up.set_defaults(run=run_up)
@@ -49,6 +60,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="random weights of a preset (speed tests; default: the shipped toy model)")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the shipped toy model, checkpoints/toy)")
     p.add_argument("--no-realtime", action="store_true", help="generate as fast as possible, not at playback pace")
+    p.add_argument(
+        "--decoder",
+        choices=["vae", "fast"],
+        default="vae",
+        help="streaming decoder: the checkpoint's VAE (default) or its distilled fast decoder",
+    )
 
 
 def _model_source(args) -> tuple[str, str | None]:
@@ -60,14 +77,35 @@ def _model_source(args) -> tuple[str, str | None]:
     return args.preset or "tiny", args.checkpoint
 
 
-def _start(args, **extra):
+class Stages:
+    """Start-up stages on stderr, each with the time since the command started: `[ 12.3s] ...`."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self, line: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {line}", file=sys.stderr, flush=True)
+
+
+def _start(args, stage: Stages, **extra):
     from services.launcher import start_embedded
 
     preset, checkpoint = _model_source(args)
+    stage(f"model: {checkpoint or f'random weights of preset {preset!r}'}")
     try:
-        return start_embedded(preset=preset, checkpoint=checkpoint, realtime=not args.no_realtime, **extra)
+        emb = start_embedded(
+            preset=preset,
+            checkpoint=checkpoint,
+            realtime=not args.no_realtime,
+            decoder=args.decoder,
+            quiet=not getattr(args, "verbose", False),
+            stage=stage,
+            **extra,
+        )
     except RuntimeError as e:
         raise CliError(str(e)) from None
+    stage(f"ready: Studio gRPC on {emb.grpc_target}")
+    return emb
 
 
 STOP_DEADLINE_S = 9.0  # SIGINT/SIGTERM -> `up` has exited, however the shutdown goes
@@ -89,6 +127,7 @@ def _check_api_key(api_key: str | None) -> None:
 
 def _exit_after(seconds: float, status: int) -> None:
     """Leave the process after `seconds` even if the shutdown is stuck (the reaper ends the children)."""
+
     def leave() -> None:
         print_json({"status": "stopped", "forced": True})
         os._exit(status)
@@ -105,8 +144,12 @@ def run_up(args) -> int:
     from services.launcher import start_child_reaper
 
     _check_api_key(args.api_key)
+    stage = Stages()
     start_child_reaper()  # first: whatever happens next, nothing we start outlives us
-    emb = _start(args, redis_url=args.redis_url, store_root=args.store, grpc_port=args.grpc_port, api_key=args.api_key)
+    store = Path(args.store).expanduser().absolute()
+    emb = _start(
+        args, stage, redis_url=args.redis_url, store_root=str(store), grpc_port=args.grpc_port, api_key=args.api_key
+    )
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -117,9 +160,13 @@ def run_up(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     print_json({"status": "serving", **emb.describe()})
+    tenant = emb.describe()["tenant"]
+    stage(f"serving (Ctrl-C stops); API key for tenant {tenant!r}: {emb.api_key}")
+    stage(f"saved clips go to {store / 'clips' / tenant}/<session>.mp4 (kept after exit)")
     try:
         stop.wait()
     finally:
+        stage("stopping")
         _exit_after(STOP_DEADLINE_S, 1)
         emb.stop(serve_timeout_s=SERVE_DRAIN_S)
     print_json({"status": "stopped"})
@@ -160,7 +207,7 @@ def run_demo(args) -> int:
         from services.launcher import start_child_reaper
 
         start_child_reaper()  # the embedded suite's processes end with this one, even if it is killed
-        emb = _start(args)
+        emb = _start(args, Stages())
         target, api_key = emb.grpc_target, emb.api_key
     person = _image_bytes("person.png", (90, 110, 150))
     garments = [_image_bytes("garment-red.png", (200, 40, 50)), _image_bytes("garment-green.png", (40, 150, 80))]
@@ -169,7 +216,10 @@ def run_demo(args) -> int:
         with StudioClient(target, api_key) as client:
             t0 = time.perf_counter()
             session = client.create_session(
-                person, garments[0], args.prompt, seed=args.seed,
+                person,
+                garments[0],
+                args.prompt,
+                seed=args.seed,
                 options={"max_chunks": args.chunks},
             )
             created = time.perf_counter()
@@ -191,25 +241,33 @@ def run_demo(args) -> int:
                     if chunk.index in switch_at:
                         sent = time.perf_counter()
                         resp = client.switch_garment(session.session_id, switch_at[chunk.index])
-                        switches.append({"after_chunk": chunk.index, "effective_chunk": resp.effective_chunk_index,
-                                         "sent": sent, "ack_seconds": time.perf_counter() - sent})
+                        switches.append(
+                            {
+                                "after_chunk": chunk.index,
+                                "effective_chunk": resp.effective_chunk_index,
+                                "sent": sent,
+                                "ack_seconds": time.perf_counter() - sent,
+                            }
+                        )
             closed = client.close_session(session.session_id)
-        gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(arrivals)]
         info = probe_video(out)
-        print_json({
-            "session_id": session.session_id,
-            "target": target,
-            "out": str(out),
-            "chunks": len(arrivals),
-            "frames": frames,
-            "mp4_frames": info.num_frames,
-            "create_seconds": round(created - t0, 4),
-            "time_to_first_chunk_seconds": round(arrivals[0] - created, 4) if arrivals else None,
-            "inter_chunk_p50_seconds": _round(_pct(gaps, 50)),
-            "inter_chunk_p99_seconds": _round(_pct(gaps, 99)),
-            "switches": [{k: _round(v) for k, v in s.items() if k != "sent"} for s in switches],
-            "final_state": int(closed.state),
-        })
+        print_json(
+            {
+                "session_id": session.session_id,
+                "target": target,
+                "out": str(out),
+                "chunks": len(arrivals),
+                "frames": frames,
+                "mp4_frames": info.num_frames,
+                "create_seconds": round(created - t0, 4),
+                "time_to_first_chunk_seconds": round(arrivals[0] - created, 4) if arrivals else None,
+                "inter_chunk_p50_seconds": _round(_pct(gaps, 50)),
+                "inter_chunk_p99_seconds": _round(_pct(gaps, 99)),
+                "switches": [{k: _round(v) for k, v in s.items() if k != "sent"} for s in switches],
+                "final_state": int(closed.state),
+            }
+        )
     finally:
         if emb is not None:
             emb.stop()

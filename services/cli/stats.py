@@ -24,7 +24,7 @@ class ChunkTiming:
     switched: bool
 
     @classmethod
-    def of(cls, result: ChunkResult) -> "ChunkTiming":
+    def of(cls, result: ChunkResult) -> ChunkTiming:
         return cls(
             index=result.index,
             frames=int(result.frames.shape[0]),

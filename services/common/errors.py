@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 DOMAIN = "fashionchameleon.v1"
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 # Every ErrorReason value name without its prefix, e.g. "SESSION_NOT_FOUND" (and "UNSPECIFIED").
-REASONS = frozenset(name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys())
+REASONS = frozenset(name.removeprefix("ERROR_REASON_") for name in common_pb2.ErrorReason.keys())  # noqa: SIM118 (an enum wrapper, not a dict)
 _MAX_DETAILS_CHARS = 1024  # status messages travel in an HTTP/2 header
 
 
@@ -280,7 +280,7 @@ def grpc_errors(context: Any) -> Iterator[None]:
     """
     try:
         yield
-    except Exception as exc:  # noqa: BLE001 - every failure must become a status
+    except Exception as exc:
         if _already_failed(context):
             raise  # grpc's own abort signal, or a nested handler already set the status
         abort_context(context, as_service_error(exc))
@@ -408,7 +408,6 @@ def _call(e: Any, name: str) -> Any:
 
 def _truncate(message: str) -> str:
     return message if len(message) <= _MAX_DETAILS_CHARS else message[: _MAX_DETAILS_CHARS - 3] + "..."
-
 
 
 def unwrap_remote(exc: BaseException) -> BaseException:

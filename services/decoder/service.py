@@ -8,6 +8,15 @@ stream and a new init segment; the stream's timeline (decode times, frame number
 session's clip go on across it, and `prime_latents` keep the first chunk after it whole.
 State of sessions whose generator vanished without closing them is evicted after an idle
 timeout.
+
+The saved clip is the whole session even when its decode moved between replicas (the router's
+ring changed: the decoder scaled). A replica's clip is one contiguous run of chunks; a replica that
+gives a run up (its state is evicted, it shuts down, or the session comes back to it after a gap)
+uploads the run as a part, `clip-parts/{session}/{first:08d}-{end:08d}.mp4`; the replica that
+closes the session uploads its own run and `final.json` (the clip's key and end). Whichever of
+them completes the chain 0..end assembles the clip at its key (one init segment, every fragment
+in order, streamed through a local file) and deletes the parts. Without a ring change the closing
+replica holds the whole run and uploads it directly, as before.
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import os
+import struct
 import tempfile
 import threading
 import time
@@ -31,15 +42,15 @@ from services.common.model import load_engine
 from services.common.tensors import tensor_from_proto, tensor_to_proto
 from shared.config import AppConfig
 from shared.media.fmp4 import FragmentedMp4Muxer, split_init_segment
-from shared.runtime.decode import StreamingDecoder, to_uint8_frames
-from shared.storage import open_store
+from shared.runtime.decode import StreamingDecoder, StreamingFastDecoder, to_uint8_frames
+from shared.storage import ObjectNotFound, open_store
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _DecodeSession:
-    decoder: StreamingDecoder
+    decoder: StreamingDecoder | StreamingFastDecoder
     muxer: FragmentedMp4Muxer
     next_chunk: int
     first_chunk: int  # first chunk of the current decode stream (since the last reset)
@@ -58,11 +69,20 @@ class _Clip:
     generator replaces chunks its dead predecessor decoded but never published) and writes the
     new muxer's identical init segment only once."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_chunk: int = 0) -> None:
         fd, self.path = tempfile.mkstemp(prefix="fc-clip-", suffix=".mp4")
         self.file = os.fdopen(fd, "w+b")
         self.init: bytes | None = None
         self.offsets: dict[int, int] = {}  # chunk index -> where its fragment starts
+        self.first_chunk = first_chunk  # the run of chunks this file holds: [first_chunk, end)
+
+    @property
+    def end(self) -> int:
+        return max(self.offsets) + 1 if self.offsets else self.first_chunk
+
+    def holds_up_to(self, chunk_index: int) -> bool:
+        """Whether a stream restarting at `chunk_index` continues this run (no gap before it)."""
+        return self.first_chunk <= chunk_index <= self.end
 
     def append(self, chunk_index: int, piece: bytes) -> None:
         if chunk_index in self.offsets:  # re-decoded after a reset: replace it and what follows
@@ -70,7 +90,7 @@ class _Clip:
             self.file.seek(self.offsets[chunk_index])
             self.offsets = {k: v for k, v in self.offsets.items() if k < chunk_index}
         if self.init is not None and piece.startswith(self.init):
-            piece = piece[len(self.init):]
+            piece = piece[len(self.init) :]
         elif self.init is None:
             with contextlib.suppress(ValueError):
                 self.init, _ = split_init_segment(piece)
@@ -107,6 +127,89 @@ class DecoderService:
         if session.clip is not None:
             session.clip.close()
 
+    # ---- clips whose decode moved between replicas (see the module docstring) ---------------
+    @staticmethod
+    def _parts_prefix(session_id: str) -> str:
+        return f"clip-parts/{session_id}/"
+
+    def _give_up_run(self, session_id: str, clip: _Clip) -> None:
+        """Upload the run `clip` holds as a part (if it holds any), free it, and assemble the
+        session's clip if that completes it. Never raises: a store outage loses only this run."""
+        try:
+            if self.store is not None and clip.size > 0:
+                clip.file.flush()
+                key = f"{self._parts_prefix(session_id)}{clip.first_chunk:08d}-{clip.end:08d}.mp4"
+                self.store.put_file(key, clip.path, "video/mp4")
+                self._assemble(session_id)
+        except Exception:
+            log.exception(
+                "decoder: session %s: could not store its clip's chunks %d..%d",
+                session_id,
+                clip.first_chunk,
+                clip.end - 1,
+            )
+        finally:
+            clip.close()
+
+    def _assemble(self, session_id: str) -> bool:
+        """Assemble the session's clip from its parts if `final.json` is there and the parts
+        cover 0..end; then delete the parts. True once assembled."""
+        prefix = self._parts_prefix(session_id)
+        try:
+            final = json.loads(self.store.get_bytes(prefix + "final.json", max_bytes=4096))
+        except ObjectNotFound:
+            return False
+        runs: dict[int, tuple[int, str]] = {}
+        for info in self.store.list(prefix):
+            name = info.key[len(prefix) :]
+            if name.endswith(".mp4"):
+                first, end = (int(x) for x in name[:-4].split("-"))
+                runs[first] = (end, info.key)
+        chain, pos = [], 0
+        while pos < int(final["end"]):
+            if pos not in runs:
+                return False  # a run is still held by another replica
+            end, key = runs[pos]
+            chain.append(key)
+            pos = end
+        fd, path = tempfile.mkstemp(prefix="fc-clip-", suffix=".mp4")
+        os.close(fd)
+        part_path = path + ".part"
+        try:
+            with open(path, "wb") as out:
+                for i, key in enumerate(chain):
+                    self.store.get_file(key, part_path)
+                    with open(part_path, "rb") as part:
+                        if i > 0:  # each run starts with the (identical) init segment: keep one
+                            _skip_init_segment(part)
+                        while block := part.read(1 << 20):
+                            out.write(block)
+            self.store.put_file(final["save_key"], path, "video/mp4")
+        finally:
+            for leftover in (path, part_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+        for key in [*(k for _, k in runs.values()), prefix + "final.json"]:
+            with contextlib.suppress(Exception):
+                self.store.delete(key)
+        log.info("decoder: session %s: clip assembled from %d runs at %s", session_id, len(chain), final["save_key"])
+        return True
+
+    def shutdown(self) -> None:
+        """Give up every run this replica holds (scale-down: the sessions go on elsewhere)."""
+        with self._table:
+            held = list(self.sessions.items())
+            self.sessions.clear()
+        for session_id, session in held:
+            with contextlib.suppress(Exception):
+                session.muxer.close()
+            if session.clip is not None:
+                self._give_up_run(session_id, session.clip)
+
+    def __del__(self) -> None:  # Ray Serve calls it when it stops the replica
+        with contextlib.suppress(Exception):
+            self.shutdown()
+
     def evict_idle(self, now: float | None = None) -> list[str]:
         """Drop the decode state of sessions no chunk arrived for within their idle timeout
         (their generator vanished without a CloseSession). Returns the evicted ids."""
@@ -114,8 +217,11 @@ class DecoderService:
         with self._table:
             gone = [sid for sid, s in self.sessions.items() if now - s.last_used > s.idle_timeout_s]
             dropped = [self.sessions.pop(sid) for sid in gone]
-        for session in dropped:
-            self._drop(session)
+        for sid, session in zip(gone, dropped):
+            with contextlib.suppress(Exception):
+                session.muxer.close()
+            if session.clip is not None:  # its decode may go on elsewhere: keep what it holds
+                self._give_up_run(sid, session.clip)
         if gone:
             log.warning("decoder: evicted %d idle session(s) whose generator went away: %s", len(gone), gone)
         return gone
@@ -132,10 +238,15 @@ class DecoderService:
         fps = req.encode.fps or st.fps
         crf = req.encode.crf if req.encode.HasField("crf") else 23
         muxer = FragmentedMp4Muxer(
-            st.width, st.height, fps=fps, crf=crf, preset=req.encode.encoder_preset or "veryfast",
-            start_frame=req.first_frame_index, start_sequence=req.chunk_index,
+            st.width,
+            st.height,
+            fps=fps,
+            crf=crf,
+            preset=req.encode.encoder_preset or "veryfast",
+            start_frame=req.first_frame_index,
+            start_sequence=req.chunk_index,
         )
-        decoder = StreamingDecoder(self.engine.vae)
+        decoder = self.engine.streaming_decoder()  # the VAE's, or the distilled fast one
         if req.reset and req.HasField("prime_latents") and req.chunk_index > 0:
             # Decode what precedes the chunk in the video and drop those frames: the causal
             # caches then continue the stream, so this chunk gets 4 f frames, not 1 + 4 (f - 1).
@@ -146,13 +257,22 @@ class DecoderService:
         if old is not None:
             with contextlib.suppress(Exception):
                 old.muxer.close()  # the replaced muxer's encoder is freed now, not at GC
-            clip = old.clip if req.chunk_index > 0 else None
-            if clip is None and old.clip is not None:
-                old.clip.close()
+            if old.clip is not None:
+                if req.chunk_index > 0 and old.clip.holds_up_to(req.chunk_index):
+                    clip = old.clip  # a rebuild re-decoding from here: the run goes on
+                elif req.chunk_index > 0:  # back after a gap decoded elsewhere: keep this run
+                    self._give_up_run(req.session_id, old.clip)
+                else:  # the session starts over from chunk 0
+                    old.clip.close()
         if clip is None and self.store is not None:
-            clip = _Clip()
+            clip = _Clip(first_chunk=req.chunk_index)
         return _DecodeSession(
-            decoder, muxer, req.chunk_index, req.chunk_index, next_frame=req.first_frame_index, clip=clip,
+            decoder,
+            muxer,
+            req.chunk_index,
+            req.chunk_index,
+            next_frame=req.first_frame_index,
+            clip=clip,
             idle_timeout_s=req.idle_timeout_seconds or self.default_idle_timeout_s,
         )
 
@@ -163,7 +283,9 @@ class DecoderService:
             session = self.sessions.get(req.session_id)
         if req.reset or session is None:
             if session is None and req.chunk_index != 0 and not req.reset:
-                raise Aborted(f"session {req.session_id} is not decoded on this replica", reason="SESSION_NOT_ON_REPLICA")
+                raise Aborted(
+                    f"session {req.session_id} is not decoded on this replica", reason="SESSION_NOT_ON_REPLICA"
+                )
             session = self._start_stream(req, session)
             with self._table:
                 self.sessions[req.session_id] = session
@@ -238,11 +360,20 @@ class DecoderService:
         if session is None:
             return decoder_pb2.DecoderCloseSessionResponse()
         freed = session.decoder.state_bytes()
+        clip = session.clip
         try:
-            if session.clip is not None and save_key and session.clip.size > 0:
-                session.clip.file.flush()
-                # streamed from disk (S3: multipart), never read whole into memory
-                self.store.put_file(save_key, session.clip.path, "video/mp4")
+            if clip is not None and save_key and clip.size > 0:
+                clip.file.flush()
+                if clip.first_chunk == 0:  # the whole session decoded here
+                    # streamed from disk (S3: multipart), never read whole into memory
+                    self.store.put_file(save_key, clip.path, "video/mp4")
+                else:  # earlier runs were decoded on other replicas: assemble with theirs
+                    final = {"save_key": save_key, "end": clip.end}
+                    self.store.put_bytes(
+                        self._parts_prefix(session_id) + "final.json", json.dumps(final).encode(), "application/json"
+                    )
+                    session.clip = None
+                    self._give_up_run(session_id, clip)
         finally:
             self._drop(session)
         return decoder_pb2.DecoderCloseSessionResponse(
@@ -259,6 +390,12 @@ class DecoderService:
         return len(self.sessions)
 
 
-def frame_tensor(resp: decoder_pb2.DecodeChunkResponse) -> torch.Tensor:
-    """The last decoded frame [1, 3, H, W] in [-1, 1] of a response that asked for it."""
-    return tensor_from_proto(resp.last_frame)
+def _skip_init_segment(f) -> None:
+    """Position `f` (an fMP4 file) after its init segment (ftyp + moov)."""
+    while header := f.read(8):
+        size, kind = struct.unpack(">I4s", header)
+        if kind == b"moov":
+            f.seek(size - 8, os.SEEK_CUR)
+            return
+        f.seek(size - 8, os.SEEK_CUR)
+    raise ValueError("no moov box: not an MP4 init segment")

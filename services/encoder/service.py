@@ -21,7 +21,7 @@ from services.common.model import load_engine
 from services.common.tensors import tensor_from_proto, tensor_to_proto, trim_text_embedding
 from shared.config import AppConfig
 from shared.media.images import ImageError, load_image
-from shared.models.text_encoder import prompt_key, validate_prompt
+from shared.models.prompts import prompt_key, validate_prompt
 from shared.storage import ObjectNotFound, open_store
 from shared.telemetry import Metrics
 
@@ -54,8 +54,9 @@ class EncoderService:
                 return self.store.get_bytes(image.object_key, max_bytes=limits.max_image_bytes)
             except ObjectNotFound:
                 raise NotFound(f"object {image.object_key!r} not found", reason="OBJECT_NOT_FOUND") from None
-        raise InvalidArgument("image: give bytes or an object key (catalog ids are resolved by the gateway)",
-                              reason="IMAGE_INVALID")
+        raise InvalidArgument(
+            "image: give bytes or an object key (catalog ids are resolved by the gateway)", reason="IMAGE_INVALID"
+        )
 
     def _encode_image_sync(self, request: encoder_pb2.EncodeImageRequest) -> encoder_pb2.EncodeImageResponse:
         start = time.perf_counter()
@@ -86,7 +87,9 @@ class EncoderService:
             limits = self.config.limits
             try:
                 img = load_image(
-                    data, max_bytes=limits.max_image_bytes, max_pixels=limits.max_image_pixels,
+                    data,
+                    max_bytes=limits.max_image_bytes,
+                    max_pixels=limits.max_image_pixels,
                     min_side=limits.min_image_side,
                 )
             except ImageError as e:
@@ -141,6 +144,3 @@ class EncoderService:
 
     async def EncodePrompt(self, request: encoder_pb2.EncodePromptRequest) -> encoder_pb2.EncodePromptResponse:
         return await asyncio.to_thread(self._encode_prompt_sync, request)
-
-    def max_text_length(self) -> int:
-        return self.engine.preset.text_encoder.max_length

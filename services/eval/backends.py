@@ -59,7 +59,7 @@ class GenerationRecord:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GenerationRecord":
+    def from_dict(cls, d: dict) -> GenerationRecord:
         return cls(**d)
 
 

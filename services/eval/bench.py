@@ -19,7 +19,6 @@ A switch at chunk K makes chunk K the first one wearing the new garment (1 <= K 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import posixpath
@@ -95,7 +94,7 @@ class ChunkPlan:
         return 0 if chunk == 0 else self.first + (chunk - 1) * self.later
 
     @classmethod
-    def from_latent(cls, chunk_frames: int, temporal_factor: int = 4) -> "ChunkPlan":
+    def from_latent(cls, chunk_frames: int, temporal_factor: int = 4) -> ChunkPlan:
         return cls(first=1 + temporal_factor * (chunk_frames - 1), later=temporal_factor * chunk_frames)
 
 
@@ -203,9 +202,3 @@ def check_samples(
                 raise BenchError(f"sample {s.id}: switch at chunk {sw.chunk} but the video has {chunks} chunks")
         for ref in (s.reference, s.garment, *(sw.garment for sw in s.switches)):
             bench.image(ref)
-
-
-def image_to_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()

@@ -153,7 +153,7 @@ Part = tuple[str, str]  # ("text", text) | ("image", base64 jpeg)
 
 def judge_parts(reference: Image.Image, garment: Image.Image, frames: np.ndarray, cfg: JudgeConfig) -> list[Part]:
     """The user turn: labelled reference, garment and video frames."""
-    enc = lambda im: encode_jpeg(im, cfg.max_side, cfg.jpeg_quality)  # noqa: E731
+    enc = lambda im: encode_jpeg(im, cfg.max_side, cfg.jpeg_quality)
     parts: list[Part] = [
         ("text", "[Image 1]: Original image of the model."),
         ("image", enc(reference)),

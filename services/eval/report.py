@@ -35,7 +35,6 @@ from .metrics.base import METRIC_INFO, MetricInfo, MetricResult, sample_indices
 from .runner import RUN_FILE, load_sample_results, read_json, write_json_atomic
 
 REPORT_VERSION = 1
-PERF_KEYS = ("backbone_fps", "end_to_end_fps", "time_to_first_chunk_seconds", "switch_latency_seconds")
 TIMING_DEFINITIONS = {
     "engine": {
         "backbone_fps": "pixel frames / DiT seconds (denoising + context pass), pooled; VAE decode excluded",

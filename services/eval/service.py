@@ -42,7 +42,7 @@ from .backends import EngineBackend
 from .bench import BenchError, Benchmark, load_benchmark
 from .config import METRIC_GROUPS, EvalConfig
 from .report import write_reports
-from .runner import Progress, Runner, RunMismatch
+from .runner import Progress, RunMismatch, Runner
 from .scoring import Scorer
 from .smoke import SMOKE_NAME, write_smoke_bench
 
@@ -135,7 +135,7 @@ class EvalService:
     def _save_status(self, st: RunStatus) -> None:
         try:
             self.store.put_bytes(self._status_key(st.run_id), json.dumps(st.__dict__).encode(), "application/json")
-        except Exception:  # noqa: BLE001 - progress mirroring must not kill the run
+        except Exception:
             log.exception("could not store eval run status %s", st.run_id)
 
     def _load_status(self, run_id: str) -> RunStatus | None:
@@ -240,7 +240,7 @@ class EvalService:
             report = write_reports(runner.run_dir, bench, self.store, self.prefix)
             st.objects = report.get("objects", {})
             st.state = "DONE"
-        except Exception as e:  # noqa: BLE001 - reported through GetReport
+        except Exception as e:
             log.exception("eval run %s failed", st.run_id)
             st.state, st.error = "FAILED", f"{type(e).__name__}: {e}"
         finally:
@@ -272,7 +272,7 @@ class EvalService:
     async def _call(self, grpc_context, empty, fn, request):
         try:
             return await asyncio.to_thread(fn, request)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        except Exception as exc:
             err = as_service_error(exc)
             if grpc_context is None:
                 raise err from exc

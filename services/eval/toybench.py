@@ -36,7 +36,10 @@ METRICS: dict[str, tuple[str, bool | None]] = {
     # relative: is the top closer (pattern Delta-E) to the scheduled garment than to the other one?
     "garment_accuracy_before": ("top closer to garment 1 than to garment 2, before the switch", True),
     "garment_accuracy_after": ("top closer to garment 2 than to garment 1, from one chunk after the switch", True),
-    "relative_switch_latency_frames": ("frames from the switch until the top is closer to garment 2 (3 in a row)", False),
+    "relative_switch_latency_frames": (
+        "frames from the switch until the top is closer to garment 2 (3 in a row)",
+        False,
+    ),
     # absolute: the metric's strict match (pattern Delta-E <= 18 per cell, calibrated on rendered frames)
     "garment_match_before": ("top matches garment 1 before the switch (fraction of frames)", True),
     "garment_match_after": ("top matches garment 2 after the switch (fraction of frames)", True),
@@ -62,11 +65,17 @@ LONG_RUN_CHUNKS = 40
 
 # score_clip key -> report key
 _FROM_CLIP = {
-    "seg0_garment_match_rate": "garment_match_before", "seg1_garment_match_rate": "garment_match_after",
-    "seg0_garment_delta_e": "garment_delta_e_before", "seg1_garment_delta_e": "garment_delta_e_after",
-    "identity_match_rate": "identity_match_rate", "identity_skin_delta_e": "identity_skin_delta_e",
-    "bottoms_match_rate": "bottoms_match_rate", "bottoms_delta_e": "bottoms_delta_e", "found_rate": "person_found",
-    "motion_direction_accuracy": "motion_direction_accuracy", "smoothness_mean_px": "smoothness_px",
+    "seg0_garment_match_rate": "garment_match_before",
+    "seg1_garment_match_rate": "garment_match_after",
+    "seg0_garment_delta_e": "garment_delta_e_before",
+    "seg1_garment_delta_e": "garment_delta_e_after",
+    "identity_match_rate": "identity_match_rate",
+    "identity_skin_delta_e": "identity_skin_delta_e",
+    "bottoms_match_rate": "bottoms_match_rate",
+    "bottoms_delta_e": "bottoms_delta_e",
+    "found_rate": "person_found",
+    "motion_direction_accuracy": "motion_direction_accuracy",
+    "smoothness_mean_px": "smoothness_px",
     "switch0_latency_frames": "switch_latency_frames",
 }
 
@@ -105,9 +114,16 @@ def bench_samples(count: int, height: int, width: int) -> list[BenchSample]:
             lab = tm.srgb_to_lab(np.array([top2.colour, s.scene.top.colour], dtype=np.uint8))
             if float(tm.delta_e(lab[0], lab[1])) > 40:
                 break
-        out.append(BenchSample(s.id, Image.fromarray(s.reference),
-                               (Image.fromarray(s.garment), Image.fromarray(render_garment(top2))),
-                               s.dynamic_caption, s.scene.motion.kind, seed=i))
+        out.append(
+            BenchSample(
+                s.id,
+                Image.fromarray(s.reference),
+                (Image.fromarray(s.garment), Image.fromarray(render_garment(top2))),
+                s.dynamic_caption,
+                s.scene.motion.kind,
+                seed=i,
+            )
+        )
     return out
 
 
@@ -142,8 +158,13 @@ def run_sample(engine, sample: BenchSample, variant: Variant) -> tuple[np.ndarra
     finally:
         session.close()
     video = np.concatenate(frames)
-    return video, {"switch_frame": switch_frame, "switch_chunk": k, "generate_seconds": gen_s,
-                   "decode_seconds": dec_s, "end_to_end_fps": len(video) / max(gen_s + dec_s, 1e-9)}
+    return video, {
+        "switch_frame": switch_frame,
+        "switch_chunk": k,
+        "generate_seconds": gen_s,
+        "decode_seconds": dec_s,
+        "end_to_end_fps": len(video) / max(gen_s + dec_s, 1e-9),
+    }
 
 
 def score_sample(video: np.ndarray, sample: BenchSample, info: dict, chunk_frames: int = 12) -> dict:
@@ -178,11 +199,20 @@ def _finite(v):
     return v if np.isfinite(v) else None
 
 
-def run_bench(checkpoint: str | Path, out_dir: str | Path, samples: int = 8, chunks: int = 8,
-              variant: Variant | None = None, progress=None, engine=None, label: str = "") -> dict:
+def run_bench(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    samples: int = 8,
+    chunks: int = 8,
+    variant: Variant | None = None,
+    progress=None,
+    engine=None,
+    label: str = "",
+) -> dict:
     """Run the held-out bench with the checkpoint; writes the run folder; returns report.json's content."""
     from shared.media.video import write_mp4
-    from shared.runtime.pipeline import Engine, EngineConfig
+    from shared.runtime.config import EngineConfig
+    from shared.runtime.pipeline import Engine
 
     variant = variant or Variant(chunks=chunks)
     out = Path(out_dir)
@@ -208,14 +238,22 @@ def run_bench(checkpoint: str | Path, out_dir: str | Path, samples: int = 8, chu
         "label": label or variant.name,
         "checkpoint_id": engine.checkpoint_id,
         "variant": asdict(variant),
-        "benchmark": {"name": BENCH_NAME, "samples": len(rows), "failed": 0,
-                      "sha256": hashlib.sha256(json.dumps([samples, chunks, HOLDOUT_COLOURS]).encode()).hexdigest()},
+        "benchmark": {
+            "name": BENCH_NAME,
+            "samples": len(rows),
+            "failed": 0,
+            "sha256": hashlib.sha256(json.dumps([samples, chunks, HOLDOUT_COLOURS]).encode()).hexdigest(),
+        },
         "seconds": round(time.perf_counter() - start, 2),
         "summary": summary,
-        "metrics": {k: {"value": summary.get(k), "title": t, "higher_is_better": hib} for k, (t, hib) in METRICS.items()},
+        "metrics": {
+            k: {"value": summary.get(k), "title": t, "higher_is_better": hib} for k, (t, hib) in METRICS.items()
+        },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "report.md").write_text(format_table(summary, title=f"toy bench: {report['label']} ({engine.checkpoint_id})") + "\n")
+    (out / "report.md").write_text(
+        format_table(summary, title=f"toy bench: {report['label']} ({engine.checkpoint_id})") + "\n"
+    )
     (out / "report.html").write_text(_html(report, rows, strips, out))
     return report
 
@@ -240,12 +278,14 @@ def format_table(summary: dict, title: str = "toy bench") -> str:
 
 
 def _html(report: dict, rows: list[dict], strips: dict[str, str], out: Path) -> str:
-    parts = [f"<!doctype html><meta charset=utf-8><title>toy bench {html.escape(report['run_id'])}</title>",
-             "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px}img{image-rendering:pixelated;height:200px}</style>",
-             f"<h1>Toy bench: {html.escape(report['label'])}</h1><p>checkpoint <code>{html.escape(report['checkpoint_id'])}"
-             f"</code>, {report['benchmark']['samples']} held-out samples</p><table><tr><th>metric</th><th>value</th></tr>"]
-    for key, m in report["metrics"].items():
+    parts = [
+        f"<!doctype html><meta charset=utf-8><title>toy bench {html.escape(report['run_id'])}</title>",
+        "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px}img{image-rendering:pixelated;height:200px}</style>",
+        f"<h1>Toy bench: {html.escape(report['label'])}</h1><p>checkpoint <code>{html.escape(report['checkpoint_id'])}"
+        f"</code>, {report['benchmark']['samples']} held-out samples</p><table><tr><th>metric</th><th>value</th></tr>",
+    ]
+    for m in report["metrics"].values():
         v = m["value"]
         parts.append(f"<tr><td>{html.escape(m['title'])}</td><td>{'—' if v is None else f'{v:.3f}'}</td></tr>")
     parts.append("</table>")

@@ -1,6 +1,9 @@
 """Generator service: the DiT, the sessions' KV caches, and one streaming loop per session.
 
-A session lives on the replica that admitted it. Its loop:
+A session lives on the replica that admitted it. Its engine operations (open, switch, prompt,
+next chunk, state) go through the one orchestrator, `shared.runtime.pipeline.VideoSession`, at
+its latent level; this module adds only transport: Redis control and output streams, pacing,
+leases, admission, and the encoder/decoder deployments. Its loop:
 
   1. applies control commands (switch garment, update prompt, close) from the session's Redis
      control stream at the chunk boundary, acknowledging the chunk index they take effect at;
@@ -31,19 +34,22 @@ from services.common.errors import FailedPrecondition, InvalidArgument, Resource
 from services.common.model import load_engine
 from services.common.tensors import pad_text_embedding, tensor_from_proto, tensor_to_proto, trim_text_embedding
 from shared.config import AppConfig
-from shared.queue import CommandType, SessionRegistry, SessionState
-from shared.queue.sessions import InvalidTransition, LeaseHeld, LeaseLost
-from shared.queue.streams import SessionClosed, SessionNotFound
-from shared.queue.config import connect
+from shared.redis_util import connect
 from shared.runtime.kv_cache import KVCacheSpec
+from shared.runtime.pipeline import LatentChunk, VideoSession
+from shared.runtime.session import PromptOptions, SwitchOptions
 from shared.runtime.session import SessionState as EngineState
-from shared.runtime.session import StreamingSession, SwitchOptions
+from shared.sessionbus import CommandType, SessionRegistry, SessionState
+from shared.sessionbus.sessions import InvalidTransition, LeaseHeld, LeaseLost
+from shared.sessionbus.streams import SessionClosed, SessionNotFound
 from shared.telemetry import HealthState, Metrics
 
 log = logging.getLogger(__name__)
 
 
-def switch_options_from_proto(opts: common_pb2.SwitchOptions, default: SwitchOptions = SwitchOptions()) -> SwitchOptions:
+def switch_options_from_proto(
+    opts: common_pb2.SwitchOptions, default: SwitchOptions = SwitchOptions()
+) -> SwitchOptions:
     """Unset fields take the session default (itself "on" unless the session said otherwise)."""
     return SwitchOptions(
         refresh=opts.refresh_garment_kv if opts.HasField("refresh_garment_kv") else default.refresh,
@@ -52,17 +58,17 @@ def switch_options_from_proto(opts: common_pb2.SwitchOptions, default: SwitchOpt
     )
 
 
-def _wire_result(fn, *args):
-    """`fn(*args)` as a wire tensor: run on a worker thread, so the device->host copy that waits
-    for the device (`.cpu()`) never blocks the event loop."""
-    return tensor_to_proto(fn(*args))
+def _generate_wire(session: VideoSession) -> tuple[LatentChunk, common_pb2.Tensor]:
+    """The next chunk and its latents as a wire tensor: run on a worker thread, so the
+    device->host copy that waits for the device (`.cpu()`) never blocks the event loop."""
+    chunk = session.generate()
+    return chunk, tensor_to_proto(chunk.latents)
 
 
-def _state_blob(session: StreamingSession, extra: dict) -> bytes:
+def _state_blob(session: VideoSession, extra: dict) -> bytes:
     """The session's rebuild state as bytes (device->host copies: call it on a worker thread)."""
-    text, _ = trim_text_embedding(session.text_raw.cpu())
     state = session.state()
-    state.text = text
+    state.text, _ = trim_text_embedding(state.text)
     state.extra = extra
     return state.to_bytes()
 
@@ -79,10 +85,10 @@ class _Pending:
 
 @dataclass
 class SessionRunner:
-    service: "GeneratorService"
+    service: GeneratorService
     session_id: str
     tenant: str
-    session: StreamingSession
+    session: VideoSession  # the orchestrator, driven at its latent level
     garment_id: str
     options: SwitchOptions
     max_chunks: int
@@ -91,8 +97,6 @@ class SessionRunner:
     playback_start: float | None = None
     task: asyncio.Task | None = None
     end_reason: str = "closed"
-    _switch_applied: bool = False
-    _prompt_applied: bool = False
     _last_publish: float | None = None
     _paused: bool = False
     control_start: str = "0-0"  # where this runner starts reading commands (a rebuilt session resumes)
@@ -119,34 +123,31 @@ class SessionRunner:
     # ---- control ---------------------------------------------------------------------
     async def _apply(self, cmd, pending: _Pending | None) -> _Pending | None:
         svc = self.service
-        k = self.session.chunk_index
         if cmd.type == CommandType.SWITCH_GARMENT:
             p = cmd.payload
             garment = await svc.encode_garment(p["garment_key"])
-            options = SwitchOptions(**{**self.options.__dict__, **p.get("options", {})})
+            asked = SwitchOptions(**{**self.options.__dict__, **p.get("options", {})})
+            options = self.session.switch_options(asked)  # the engine's rule for this chunk
             new_ref = None
-            if k == 0:  # nothing streamed yet: the new garment simply replaces the old one
-                options = SwitchOptions(refresh=True, withdraw=False, disentangle=False)
-            elif options.disentangle:
+            if options.disentangle:  # the new reference is the decoder's last frame, re-encoded
                 if pending is not None:
                     await self._publish(pending)
                     pending = None
                 frame = await svc.decoder.options(session_id=self.session_id).encode_last_frame.remote(self.session_id)
                 new_ref = await asyncio.to_thread(tensor_from_proto, frame)
             async with svc.compute():
-                await asyncio.to_thread(self.session.switch_garment, garment, new_ref, options)
+                await asyncio.to_thread(self.session.switch_latents, garment, options, new_ref)
             self.garment_id = p.get("garment_id", self.garment_id)
-            self._switch_applied = True
             await svc.persist(self)
             await svc.record_applied(self, garment_id=self.garment_id)
             if cmd.issued_at:
                 svc.metrics.garment_switch_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
         elif cmd.type == CommandType.UPDATE_PROMPT:
             embedding = await svc.encode_prompt(cmd.payload["prompt"])
+            prompt_options = PromptOptions(**cmd.payload.get("options", {}))  # cond KV always re-cached
             async with svc.compute():
-                await asyncio.to_thread(self.session.set_prompt, embedding, cmd.payload["prompt"])
+                await asyncio.to_thread(self.session.set_prompt, embedding, cmd.payload["prompt"], prompt_options)
             self.prompt_revision = int(cmd.payload.get("revision", self.prompt_revision + 1))
-            self._prompt_applied = True
             await svc.persist(self)
             await svc.record_applied(self, prompt=cmd.payload["prompt"], prompt_revision=self.prompt_revision)
             if cmd.issued_at:
@@ -158,13 +159,14 @@ class SessionRunner:
         svc = self.service
         try:
             resp: decoder_pb2.DecodeChunkResponse = await pending.response
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             if getattr(unwrap_remote(exc), "reason", None) != "SESSION_NOT_ON_REPLICA" or pending.request is None:
                 raise
             # The decoder ring changed (e.g. it scaled): restart the decode stream at this chunk;
             # the piece carries a fresh init segment, which MSE players accept mid-stream.
-            log.warning("session %s: decoder lost its state, restarting decode at chunk %d",
-                        self.session_id, pending.index)
+            log.warning(
+                "session %s: decoder lost its state, restarting decode at chunk %d", self.session_id, pending.index
+            )
             pending.request.reset = True
             if pending.prime is not None:  # the previous chunk: the new decode state continues it
                 pending.request.prime_latents.CopyFrom(pending.prime)
@@ -174,9 +176,15 @@ class SessionRunner:
             await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
         if resp.last_frame_png:  # what a rebuilt session continues from
             key = svc.recovery_key(self.session_id, "last")
-            await svc.redis.hset(key, mapping={"chunk": pending.index, "png": resp.last_frame_png,
-                                               "frames": resp.first_frame_index + resp.num_frames,
-                                               "played_from": self._playback_start_wall()})
+            await svc.redis.hset(
+                key,
+                mapping={
+                    "chunk": pending.index,
+                    "png": resp.last_frame_png,
+                    "frames": resp.first_frame_index + resp.num_frames,
+                    "played_from": self._playback_start_wall(),
+                },
+            )
             await svc.redis.expire(key, svc.recovery_ttl_s)
         meta = {
             **pending.meta,
@@ -190,8 +198,12 @@ class SessionRunner:
         }
         await svc.registry.output(self.session_id).append(pending.index, resp.fmp4, meta)
         with contextlib.suppress(Exception):  # a session closing underneath is not an error here
-            await svc.registry.set_state(self.session_id, SessionState.ACTIVE, chunks=pending.index + 1,
-                                         frames=resp.first_frame_index + resp.num_frames)
+            await svc.registry.set_state(
+                self.session_id,
+                SessionState.ACTIVE,
+                chunks=pending.index + 1,
+                frames=resp.first_frame_index + resp.num_frames,
+            )
         now = time.monotonic()
         m = svc.metrics
         m.chunk_decode_seconds.observe(resp.timings.total_seconds)
@@ -289,28 +301,30 @@ class SessionRunner:
                     continue
                 started = time.perf_counter()
                 async with svc.compute():
-                    latents = await asyncio.to_thread(_wire_result, self.session.next_chunk)  # proto, host bytes
+                    chunk, latents = await asyncio.to_thread(_generate_wire, self.session)  # proto: host bytes
                 gen_s = time.perf_counter() - started
                 svc.metrics.chunk_generation_seconds.observe(gen_s)
                 svc.metrics.chunks_generated_total.inc()
                 meta = {
                     "garment_id": self.garment_id,
                     "prompt_revision": self.prompt_revision,
-                    "switch_applied": self._switch_applied,
-                    "prompt_update_applied": self._prompt_applied,
+                    "switch_applied": chunk.switched,
+                    "prompt_update_applied": chunk.prompt_updated,
                     "generation_seconds": gen_s,
                     "generated_at": time.time(),
                     "width": self.session.preset.streaming.width,
                     "height": self.session.preset.streaming.height,
                 }
-                self._switch_applied = self._prompt_applied = False
                 if pending is not None:
                     await self._publish(pending)  # chunk k-1 was decoded while chunk k was generated
                     pending = None
                 restarted = self.restart_decode and k > 0
                 request = decoder_pb2.DecodeChunkRequest(
-                    session_id=self.session_id, chunk_index=k, latents=latents,
-                    reset=k == 0 or self.restart_decode, first_frame_index=self._frames_before(k),
+                    session_id=self.session_id,
+                    chunk_index=k,
+                    latents=latents,
+                    reset=k == 0 or self.restart_decode,
+                    first_frame_index=self._frames_before(k),
                     return_last_frame_png=svc.config.generator.recovery,
                     idle_timeout_seconds=self._decoder_idle_timeout_s(),
                 )
@@ -327,7 +341,7 @@ class SessionRunner:
         except asyncio.CancelledError:
             if not self.lease_lost:
                 self.end_reason = "closed"
-        except Exception as exc:  # noqa: BLE001 - the session fails, the replica keeps serving
+        except Exception as exc:
             if await self._ended_underneath():  # closed / expired while we worked: not a failure
                 log.info("session %s ended while a chunk was in flight (%s)", self.session_id, type(exc).__name__)
                 self.end_reason = "closed"
@@ -413,7 +427,7 @@ class GeneratorService:
     def recovery_ttl_s(self) -> int:
         return int(self.config.redis.session_idle_ttl_s + self.config.redis.terminal_retention_s + 60)
 
-    async def record_applied(self, runner: "SessionRunner", **fields) -> None:
+    async def record_applied(self, runner: SessionRunner, **fields) -> None:
         """Record what a control command changed (garment, prompt) in the session's record,
         in the order the commands were applied."""
         with contextlib.suppress(Exception):  # a session closing underneath is not an error here
@@ -436,14 +450,17 @@ class GeneratorService:
             k += 1
         return k
 
-    async def persist(self, runner: "SessionRunner") -> None:
+    async def persist(self, runner: SessionRunner) -> None:
         """Save what rebuilding the session elsewhere needs (latents, prompt, seed, options):
         a few latent frames, written at open and after each switch or prompt update."""
         if not self.config.generator.recovery:
             return
         extra = {
-            "tenant": runner.tenant, "garment_id": runner.garment_id, "prompt_revision": runner.prompt_revision,
-            "max_chunks": runner.max_chunks, "options": runner.options.__dict__,
+            "tenant": runner.tenant,
+            "garment_id": runner.garment_id,
+            "prompt_revision": runner.prompt_revision,
+            "max_chunks": runner.max_chunks,
+            "options": runner.options.__dict__,
         }
         blob = await asyncio.to_thread(_state_blob, runner.session, extra)  # device->host copies: off the loop
         await self.redis.set(self.recovery_key(runner.session_id, "state"), blob, ex=self.recovery_ttl_s)
@@ -495,11 +512,12 @@ class GeneratorService:
             )
             reference = await asyncio.to_thread(tensor_from_proto, (await self.encoder.EncodeImage.remote(req)).latent)
             next_chunk, frames = int(last[b"chunk"]) + 1, int(last[b"frames"])
-        session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
-                                   rope=self.engine.rope)
+        session = self.engine.session()
         text = await asyncio.to_thread(pad_text_embedding, saved.text, self.text_max_length)
         async with self.compute():
-            await asyncio.to_thread(session.open, reference, saved.garment, text, saved.seed, next_chunk, saved.prompt)
+            await asyncio.to_thread(
+                session.open_latents, reference, saved.garment, text, saved.seed, next_chunk, saved.prompt
+            )
         extra = saved.extra
         try:  # the rebuild may have outlasted the lease: still ours? (else another replica has it)
             record = await self.registry.claim(session_id, self.replica_id)
@@ -507,10 +525,17 @@ class GeneratorService:
             session.close()
             return
         runner = SessionRunner(
-            self, session_id, extra["tenant"], session, extra["garment_id"], SwitchOptions(**extra["options"]),
-            max_chunks=int(extra["max_chunks"]), prompt_revision=int(extra["prompt_revision"]),
+            self,
+            session_id,
+            extra["tenant"],
+            session,
+            extra["garment_id"],
+            SwitchOptions(**extra["options"]),
+            max_chunks=int(extra["max_chunks"]),
+            prompt_revision=int(extra["prompt_revision"]),
             control_start=await self.registry.control(session_id).last_acked_id(),
-            restart_decode=True, frame_offset=frames,
+            restart_decode=True,
+            frame_offset=frames,
             # the decoder re-primes with the last frame: chunk counts and the timeline go on
             prime_latents=await asyncio.to_thread(tensor_to_proto, reference) if last else None,
             idle_ttl_s=record.idle_ttl_s,
@@ -554,6 +579,11 @@ class GeneratorService:
         cfg = self.config.generator
         while True:
             self._gauge_sessions()
+            with contextlib.suppress(Exception):  # gateways skip a replica whose heartbeat lapsed
+                if self.health.draining:
+                    await self.registry.retire(self.replica_id)
+                else:
+                    await self.registry.heartbeat(self.replica_id)
             for sid, runner in list(self.runners.items()):
                 try:
                     await self.registry.renew(sid, self.replica_id)
@@ -616,8 +646,11 @@ class GeneratorService:
         served = self.engine.preset.name
         requested = str(meta.get("requested_preset") or "")
         if requested and requested != served:
-            raise InvalidArgument(f"preset {requested!r} is not served here (this deployment runs {served!r})",
-                                  reason="PRESET_UNAVAILABLE", metadata={"preset": requested, "served": served})
+            raise InvalidArgument(
+                f"preset {requested!r} is not served here (this deployment runs {served!r})",
+                reason="PRESET_UNAVAILABLE",
+                metadata={"preset": requested, "served": served},
+            )
         width, height = state.width or st.width, state.height or st.height  # 0 = the preset's default
         if (width, height) != (st.width, st.height):
             raise InvalidArgument(
@@ -628,13 +661,14 @@ class GeneratorService:
         latent_shape = (1, self.engine.preset.dit.in_channels, 1, *self.engine.preset.latent_hw())
 
         def inputs():  # wire bytes -> tensors (megabytes of text context): off the loop
-            return (tensor_from_proto(state.reference_latent, expected_shape=latent_shape),
-                    tensor_from_proto(state.garment_latent, expected_shape=latent_shape),
-                    pad_text_embedding(tensor_from_proto(state.prompt_embedding), self.text_max_length))
+            return (
+                tensor_from_proto(state.reference_latent, expected_shape=latent_shape),
+                tensor_from_proto(state.garment_latent, expected_shape=latent_shape),
+                pad_text_embedding(tensor_from_proto(state.prompt_embedding), self.text_max_length),
+            )
 
         reference, garment, text = await asyncio.to_thread(inputs)
-        session = StreamingSession(self.engine.dit, self.engine.preset, self.engine.device, self.engine.dtype,
-                                   rope=self.engine.rope)
+        session = self.engine.session()
         if not self._try_admit(sid):  # capacity check and slot in one step: concurrent opens never overbook
             cap = self.capacity()
             self.metrics.rejections_total.inc(tags={"reason": "capacity"})
@@ -651,19 +685,27 @@ class GeneratorService:
         started = time.perf_counter()
         try:
             async with self.compute():
-                await asyncio.to_thread(session.open, reference, garment, text, int(state.seed), 0, state.prompt)
+                await asyncio.to_thread(
+                    session.open_latents, reference, garment, text, int(state.seed), 0, state.prompt
+                )
         except BaseException:
             self._admitting.discard(sid)
             with contextlib.suppress(Exception):
                 await self.registry.set_state(sid, SessionState.FAILED, reason="open failed")
             raise
         cond_s = time.perf_counter() - started
-        max_chunks = min(int(meta.get("max_chunks") or 0) or self.config.generator.max_chunks_per_session,
-                         self.config.generator.max_chunks_per_session)
+        max_chunks = min(
+            int(meta.get("max_chunks") or 0) or self.config.generator.max_chunks_per_session,
+            self.config.generator.max_chunks_per_session,
+        )
         if float(meta.get("max_duration_seconds") or 0) > 0:  # video seconds, ended at a chunk boundary
             max_chunks = min(max_chunks, self.chunks_for_duration(float(meta["max_duration_seconds"])))
         runner = SessionRunner(
-            self, sid, tenant, session, state.garment_id,
+            self,
+            sid,
+            tenant,
+            session,
+            state.garment_id,
             switch_options_from_proto(state.switch_options),
             max_chunks=max_chunks,
         )
@@ -672,14 +714,23 @@ class GeneratorService:
         self._gauge_sessions()
         self.metrics.sessions_opened_total.inc()
         await self.registry.set_state(
-            sid, SessionState.ACTIVE, width=st.width, height=st.height, fps=st.fps, preset=self.engine.preset.name,
+            sid,
+            SessionState.ACTIVE,
+            width=st.width,
+            height=st.height,
+            fps=st.fps,
+            preset=self.engine.preset.name,
             max_chunks=max_chunks,
         )
         await self.persist(runner)
         runner.task = asyncio.create_task(runner.run())
         return generator_pb2.GeneratorOpenSessionResponse(
-            session_id=sid, replica_id=self.replica_id, next_chunk_index=0,
-            session_kv_cache_bytes=self.spec.bytes, cond_seconds=cond_s, capacity=self.capacity(),
+            session_id=sid,
+            replica_id=self.replica_id,
+            next_chunk_index=0,
+            session_kv_cache_bytes=self.spec.bytes,
+            cond_seconds=cond_s,
+            capacity=self.capacity(),
         )
 
     async def finish(self, runner: SessionRunner) -> None:
@@ -696,9 +747,10 @@ class GeneratorService:
             await self.decoder.options(session_id=runner.session_id).CloseSession.remote(
                 decoder_pb2.DecoderCloseSessionRequest(session_id=runner.session_id), save_key=save_key
             )
-        except Exception:  # noqa: BLE001
-            log.warning("session %s: decoder close failed (clip %s not saved)", runner.session_id, save_key,
-                        exc_info=True)
+        except Exception:
+            log.warning(
+                "session %s: decoder close failed (clip %s not saved)", runner.session_id, save_key, exc_info=True
+            )
         with contextlib.suppress(Exception):
             if runner.end_reason != "failed":
                 await self._end_record(runner)
@@ -719,8 +771,9 @@ class GeneratorService:
         await self._ensure_started()
         runner = self.runners.get(request.session_id)
         if runner is None:
-            raise FailedPrecondition(f"session {request.session_id} is not on this replica",
-                                     reason="SESSION_NOT_ON_REPLICA")
+            raise FailedPrecondition(
+                f"session {request.session_id} is not on this replica", reason="SESSION_NOT_ON_REPLICA"
+            )
         chunks = runner.session.chunk_index
         runner.stop()
         with contextlib.suppress(asyncio.CancelledError):
@@ -744,6 +797,9 @@ class GeneratorService:
         let live sessions run to their end, then close what is left so caches and clips are
         released cleanly. Sessions are loops, not requests, so Serve cannot see them itself."""
         self.health.start_draining("replica shutting down")
+        if self.registry is not None:
+            with contextlib.suppress(Exception):
+                await self.registry.retire(self.replica_id)
         deadline = time.monotonic() + self.config.generator.drain_timeout_s
         while self.runners and time.monotonic() < deadline:
             await asyncio.sleep(0.5)

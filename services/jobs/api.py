@@ -1,32 +1,33 @@
-"""The batch job RPCs of the Studio gateway, as a mixin of `StudioService`.
+"""The batch job RPCs of the Studio gateway: SubmitClips, GetJob, ListJobs, CancelJob, WatchJobs.
 
-`class StudioService(JobsApi)` gets SubmitClips, GetJob, ListJobs, CancelJob and WatchJobs,
-with the gateway's conventions: the tenant from the API key (`_tenant`), validation into
-frozen specs, errors as ServiceError mapped by `_unary` (unary calls) or like StreamSession
-(the WatchJobs stream), other tenants' jobs indistinguishable from missing ones.
+`JobsApi` is a part the gateway composes (`StudioService.jobs_api`; its RPC methods delegate
+here), with the gateway's conventions: the tenant from the API key, validation into frozen
+specs, errors as ServiceError mapped by the gateway's unary runner (unary calls) or like
+StreamSession (the WatchJobs stream), other tenants' jobs indistinguishable from missing ones.
 
-Host contract (what StudioService provides): `config` (AppConfig: redis, storage),
-`limits` (studio Limits), `store`, `catalog`, `blocking` (a `BlockingPool`: image decoding
-and hashing run there, off the event loop), `_tenant(grpc_context, metadata)`,
-`_unary(grpc_context, method, empty, body)`. The host sets `jobs_config` (default
-`JobsConfig()`), e.g. `self.jobs_config = self.config.jobs`.
+What the gateway hands it: the Redis and jobs settings, `Limits`, the object store and garment
+catalog, the `BlockingPool` that image decoding and hashing run in (off the event loop),
+`tenant(grpc_context, metadata) -> str` and `unary(grpc_context, method, empty, body)`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
-from fashionchameleon.v1 import studio_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fashionchameleon.v1 import studio_pb2
 from services.common.errors import (
     AlreadyExists,
     NotFound,
     abort_context,
     as_service_error,
 )
+from services.common.offload import BlockingPool
+from services.common.validation import ImageRef, Limits
 from services.jobs.validation import (
     PROTO_STATES,
     ClipRequest,
@@ -36,12 +37,11 @@ from services.jobs.validation import (
     parse_watch_jobs,
     validate_job_id,
 )
-from services.studio.validation import ImageRef
 from shared.jobs.config import JobsConfig
 from shared.jobs.queue import IdempotencyConflict, JobNotFound, JobQueue
 from shared.jobs.spec import ClipSpec, GarmentAt, JobRecord, derived_seed
-from shared.queue.config import connect
-from shared.storage import ObjectNotFound, upload_key
+from shared.redis_util import RedisConnection, connect
+from shared.storage import GarmentCatalog, ObjectNotFound, ObjectStore, upload_key
 
 
 def _ts_ms(ms: int | None) -> Timestamp | None:
@@ -77,20 +77,49 @@ def job_proto(record: JobRecord, *, created: bool = False) -> studio_pb2.Job:
     )
     if record.result is not None:
         r = record.result
-        job.result.CopyFrom(studio_pb2.JobResult(
-            video_key=r.video_key, manifest_key=r.manifest_key, poster_key=r.poster_key, video_bytes=r.video_bytes,
-            frames=r.frames, fps=r.fps, width=r.width, height=r.height,
-        ))
+        job.result.CopyFrom(
+            studio_pb2.JobResult(
+                video_key=r.video_key,
+                manifest_key=r.manifest_key,
+                poster_key=r.poster_key,
+                video_bytes=r.video_bytes,
+                frames=r.frames,
+                fps=r.fps,
+                width=r.width,
+                height=r.height,
+            )
+        )
     return job
 
 
 class JobsApi:
-    jobs_config: JobsConfig = JobsConfig()
-    _job_queue: JobQueue | None = None
+    """The batch job RPCs over the job queue on Redis (`shared.jobs`), for a gateway to compose."""
+
+    def __init__(
+        self,
+        *,
+        redis: RedisConnection,
+        jobs: JobsConfig,
+        limits: Limits,
+        store: ObjectStore,
+        catalog: GarmentCatalog,
+        blocking: BlockingPool,
+        tenant: Callable[[Any, list[tuple[str, str]] | None], str],
+        unary: Callable[[Any, str, Callable[[], Any], Callable[[], Awaitable[Any]]], Awaitable[Any]],
+    ) -> None:
+        self.redis_config = redis
+        self.jobs_config = jobs
+        self.limits = limits
+        self.store = store
+        self.catalog = catalog
+        self.blocking = blocking
+        self._tenant = tenant
+        self._unary = unary
+        self._job_queue: JobQueue | None = None
 
     def _jobs(self) -> JobQueue:
         if self._job_queue is None:
-            self._job_queue = JobQueue(connect(self.config.redis), self.jobs_config, self.config.redis.namespace)
+            self._job_queue = JobQueue(connect(self.redis_config), self.jobs_config, self.redis_config.namespace)
         return self._job_queue
 
     async def _job_for(self, job_id: str, tenant: str) -> JobRecord:
@@ -116,8 +145,11 @@ class JobsApi:
                     key = self.catalog.key(ref.catalog_id, owner)
                     break
             else:
-                raise NotFound(f"catalog garment {ref.catalog_id!r} not found", reason="CATALOG_ITEM_NOT_FOUND",
-                               metadata={"catalog_id": ref.catalog_id})
+                raise NotFound(
+                    f"catalog garment {ref.catalog_id!r} not found",
+                    reason="CATALOG_ITEM_NOT_FOUND",
+                    metadata={"catalog_id": ref.catalog_id},
+                )
         else:
             key = ref.object_key
             try:
@@ -134,10 +166,19 @@ class JobsApi:
             garments = []
             for i, (chunk, ref) in enumerate(clip.garments):
                 with field_prefix(f"garments[{i}].garment"):
-                    garments.append(GarmentAt(chunk_index=chunk, object_key=await self._job_image_key(ref, tenant, cache)))
+                    garments.append(
+                        GarmentAt(chunk_index=chunk, object_key=await self._job_image_key(ref, tenant, cache))
+                    )
         seed = clip.seed if clip.seed is not None else derived_seed(tenant, clip.idempotency_key)
-        return ClipSpec(reference_key=reference, garments=tuple(garments), prompt=clip.prompt, chunks=clip.chunks,
-                        seed=seed, idempotency_key=clip.idempotency_key, labels=clip.labels)
+        return ClipSpec(
+            reference_key=reference,
+            garments=tuple(garments),
+            prompt=clip.prompt,
+            chunks=clip.chunks,
+            seed=seed,
+            idempotency_key=clip.idempotency_key,
+            labels=clip.labels,
+        )
 
     # ---- RPCs --------------------------------------------------------------------------
     async def SubmitClips(self, request, grpc_context=None, metadata=None) -> studio_pb2.SubmitClipsResponse:
@@ -152,7 +193,8 @@ class JobsApi:
             except IdempotencyConflict as e:
                 raise AlreadyExists(
                     f"clips[{e.index}].idempotency_key: already used for a different clip spec (job {e.job_id}); "
-                    "use a new key for a new clip", reason="IDEMPOTENCY_KEY_REUSED",
+                    "use a new key for a new clip",
+                    reason="IDEMPOTENCY_KEY_REUSED",
                     metadata={"index": e.index, "field": f"clips[{e.index}].idempotency_key", "job_id": e.job_id},
                 ) from None
             return studio_pb2.SubmitClipsResponse(jobs=[job_proto(s.record, created=s.created) for s in submitted])
@@ -225,7 +267,7 @@ class JobsApi:
             yield studio_pb2.JobEvent(job=job_proto(record))
         if job_ids and not pending:
             return
-        block_ms = min(5000, self.config.redis.max_block_ms or 5000)
+        block_ms = min(5000, self.redis_config.max_block_ms or 5000)
         while True:
             for event in await queue.events(tenant, after, block_ms):
                 after = event.event_id

@@ -15,8 +15,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
-from fashionchameleon.v1 import studio_pb2
 
+from fashionchameleon.v1 import studio_pb2
 from services.studio.client import ImageLike, StudioClient, StudioError, image_input
 
 __all__ = ["JobsClient", "clip_spec"]
@@ -88,7 +88,9 @@ class JobsClient(StudioClient):
                 return
             token = page.next_page_token
 
-    def watch_jobs(self, job_ids: Sequence[str] = (), *, timeout_s: float | None = None) -> Iterator[studio_pb2.JobEvent]:
+    def watch_jobs(
+        self, job_ids: Sequence[str] = (), *, timeout_s: float | None = None
+    ) -> Iterator[studio_pb2.JobEvent]:
         """Job events (the current state of each job first); ends when every job is final.
         Reconnects on UNAVAILABLE (a new call starts with the jobs' current state again)."""
         pending = list(job_ids)

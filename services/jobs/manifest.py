@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from fashionchameleon.v1 import common_pb2, studio_pb2
-
 from shared.jobs.spec import IDEMPOTENCY_KEY_PATTERN
 from shared.media.images import ImageError, load_image
-from shared.models.text_encoder import validate_prompt
+from shared.models.prompts import validate_prompt
 
 FIELDS = frozenset({"id", "reference", "garment", "garments", "prompt", "chunks", "seed", "labels"})
 _KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
@@ -92,10 +91,10 @@ class _Files:
         self.cache: dict[Path, str | Exception] = {}
 
     def image(self, value: str) -> ManifestImage:
-        if value.startswith(CATALOG_PREFIX) and value[len(CATALOG_PREFIX):]:
-            return ManifestImage("catalog", value[len(CATALOG_PREFIX):])
-        if value.startswith(OBJECT_PREFIX) and value[len(OBJECT_PREFIX):]:
-            return ManifestImage("object", value[len(OBJECT_PREFIX):])
+        if value.startswith(CATALOG_PREFIX) and value[len(CATALOG_PREFIX) :]:
+            return ManifestImage("catalog", value[len(CATALOG_PREFIX) :])
+        if value.startswith(OBJECT_PREFIX) and value[len(OBJECT_PREFIX) :]:
+            return ManifestImage("object", value[len(OBJECT_PREFIX) :])
         path = (self.base_dir / value).expanduser().resolve()
         if path not in self.cache:
             try:
@@ -205,7 +204,7 @@ def _schedule(obj: dict, chunks: int, files: _Files) -> tuple[tuple[int, Manifes
         elif isinstance(entry, list) and len(entry) == 2:
             chunk, image = entry
         else:
-            raise _Problem(f"{where}: expected [chunk_index, image] or {{\"chunk\": k, \"image\": ...}}")
+            raise _Problem(f'{where}: expected [chunk_index, image] or {{"chunk": k, "image": ...}}')
         if not isinstance(chunk, int) or isinstance(chunk, bool):
             raise _Problem(f"{where}: the chunk index must be an integer")
         if i == 0 and chunk != 0:
@@ -236,7 +235,10 @@ def build_request(clips: list[ManifestClip]) -> studio_pb2.SubmitClipsRequest:
 
     for clip in clips:
         spec = request.clips.add(
-            reference=image(clip.reference), prompt=clip.prompt, chunks=clip.chunks, idempotency_key=clip.key,
+            reference=image(clip.reference),
+            prompt=clip.prompt,
+            chunks=clip.chunks,
+            idempotency_key=clip.key,
             labels=clip.labels,
         )
         for chunk, garment in clip.garments:

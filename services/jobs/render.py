@@ -87,13 +87,15 @@ def render_clip(engine: Engine, spec: ClipSpec, images: dict[str, Image.Image], 
                     encode_s += time.perf_counter() - t
                     generate_s += result.generate_seconds
                     decode_s += result.decode_seconds
-                    per_chunk.append({
-                        "index": k,
-                        "frames": int(frames.shape[0]),
-                        "switched": k > 0 and k in schedule,
-                        "generate_seconds": result.generate_seconds,
-                        "decode_seconds": result.decode_seconds,
-                    })
+                    per_chunk.append(
+                        {
+                            "index": k,
+                            "frames": int(frames.shape[0]),
+                            "switched": k > 0 and k in schedule,
+                            "generate_seconds": result.generate_seconds,
+                            "decode_seconds": result.decode_seconds,
+                        }
+                    )
                     control.chunks_done = k + 1
                 n_frames = writer.frames_written
             video = path.read_bytes()
@@ -103,8 +105,17 @@ def render_clip(engine: Engine, spec: ClipSpec, images: dict[str, Image.Image], 
     buf = io.BytesIO()
     Image.fromarray(poster).save(buf, format="PNG")
     return RenderedClip(
-        video=video, poster_png=buf.getvalue(), frames=n_frames, width=int(poster.shape[1]),
-        height=int(poster.shape[0]), fps=fps, frames_sha256=hasher.hexdigest(), open_seconds=open_s,
-        switch_seconds=switch_s, generate_seconds=generate_s, decode_seconds=decode_s, encode_seconds=encode_s,
+        video=video,
+        poster_png=buf.getvalue(),
+        frames=n_frames,
+        width=int(poster.shape[1]),
+        height=int(poster.shape[0]),
+        fps=fps,
+        frames_sha256=hasher.hexdigest(),
+        open_seconds=open_s,
+        switch_seconds=switch_s,
+        generate_seconds=generate_s,
+        decode_seconds=decode_s,
+        encode_seconds=encode_s,
         per_chunk=per_chunk,
     )

@@ -21,7 +21,8 @@ from typing import Any
 
 from shared.jobs.config import JobsConfig
 from shared.jobs.queue import JobQueue
-from shared.queue.config import RedisConfig, connect
+from shared.redis_util import connect
+from shared.sessionbus.config import RedisConfig
 
 log = logging.getLogger(__name__)
 

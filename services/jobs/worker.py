@@ -41,7 +41,7 @@ from shared.jobs.queue import Claim, JobQueue
 from shared.jobs.spec import JobResult, ResultKeys
 from shared.media.images import ImageError, load_image
 from shared.models.checkpoint import ALL_PARTS
-from shared.queue.config import connect
+from shared.redis_util import connect
 from shared.runtime.pipeline import Engine
 from shared.storage import ObjectStore, open_store
 from shared.storage.base import ObjectNotFound
@@ -233,8 +233,15 @@ class JobRunner:
         self._put(keys.video, clip.video, "video/mp4")
         self._put(keys.poster, clip.poster_png, "image/png")
         result = JobResult(
-            video_key=keys.video, manifest_key=keys.manifest, poster_key=keys.poster, video_bytes=len(clip.video),
-            frames=clip.frames, fps=clip.fps, width=clip.width, height=clip.height, frames_sha256=clip.frames_sha256,
+            video_key=keys.video,
+            manifest_key=keys.manifest,
+            poster_key=keys.poster,
+            video_bytes=len(clip.video),
+            frames=clip.frames,
+            fps=clip.fps,
+            width=clip.width,
+            height=clip.height,
+            frames_sha256=clip.frames_sha256,
         )
         timings = {
             **timings,
@@ -245,8 +252,11 @@ class JobRunner:
             "encode_seconds": clip.encode_seconds,
             "upload_seconds": time.perf_counter() - started,
         }
-        self._put(keys.manifest, manifest_bytes(claim, result, timings, clip, self.engine, self.model_id,
-                                                self.consumer), "application/json")
+        self._put(
+            keys.manifest,
+            manifest_bytes(claim, result, timings, clip, self.engine, self.model_id, self.consumer),
+            "application/json",
+        )
         return result
 
 
@@ -303,8 +313,15 @@ class JobWorker:
         self.redis = connect(self.config.redis)
         self.metrics = Metrics.create("auto")
         queue = JobQueue(self.redis, self.jobs_config, self.config.redis.namespace, metrics=self.metrics)
-        self.runner = JobRunner(engine, open_store(self.config.storage), queue, self.jobs_config,
-                                new_consumer_name(), self.metrics, self.config.model.model_id)
+        self.runner = JobRunner(
+            engine,
+            open_store(self.config.storage),
+            queue,
+            self.jobs_config,
+            new_consumer_name(),
+            self.metrics,
+            self.config.model.model_id,
+        )
         self._task = asyncio.create_task(self.runner.run())
 
     async def stats(self) -> dict:
@@ -337,11 +354,18 @@ def worker_deployment(config: AppConfig, jobs: JobsConfig) -> serve.Application:
         policy_kwargs={"redis_json": config.redis.model_dump_json(), "jobs_json": jobs.model_dump_json()},
     )
     autoscaling = AutoscalingConfig(
-        min_replicas=jobs.min_workers, max_replicas=jobs.max_workers, initial_replicas=max(1, jobs.min_workers),
-        downscale_delay_s=jobs.downscale_delay_s, upscale_delay_s=0.0, policy=policy,
+        min_replicas=jobs.min_workers,
+        max_replicas=jobs.max_workers,
+        initial_replicas=max(1, jobs.min_workers),
+        downscale_delay_s=jobs.downscale_delay_s,
+        upscale_delay_s=0.0,
+        policy=policy,
     )
     return serve.deployment(
-        JobWorker, name="jobs", autoscaling_config=autoscaling, max_ongoing_requests=16,
+        JobWorker,
+        name="jobs",
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=16,
         graceful_shutdown_timeout_s=jobs.drain_timeout_s + 10,
         ray_actor_options={"num_cpus": 0, "num_gpus": jobs.worker_gpus},
     ).bind(config.to_json(), jobs.model_dump_json())

@@ -44,7 +44,9 @@ class ApiKeyAuth:
         for i, (api_key, tenant) in enumerate(keys.items()):
             if not isinstance(api_key, str) or not _KEY.match(api_key):
                 # the key itself is not shown, only its position in the config
-                raise ValueError(f"API key #{i} (tenant {tenant!r}) must be 1-512 printable ASCII characters without spaces")
+                raise ValueError(
+                    f"API key #{i} (tenant {tenant!r}) must be 1-512 printable ASCII characters without spaces"
+                )
             entries.append((key_digest(api_key), validate_tenant(tenant)))
         self._entries = tuple(entries)
 
@@ -94,13 +96,18 @@ class ApiKeyAuth:
             if lname == AUTHORIZATION_HEADER:
                 scheme, _, token = value.strip().partition(" ")
                 if scheme.lower() != "bearer" or not token.strip():
-                    raise Unauthenticated("malformed authorization metadata: expected 'Bearer <key>'", reason="API_KEY_INVALID")
+                    raise Unauthenticated(
+                        "malformed authorization metadata: expected 'Bearer <key>'", reason="API_KEY_INVALID"
+                    )
                 keys.add(token.strip())
             else:
                 keys.add(value.strip())
         if not keys or keys == {""}:
-            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>' or 'x-api-key' metadata", reason="API_KEY_INVALID")
+            raise Unauthenticated(
+                "missing API key: send 'authorization: Bearer <key>' or 'x-api-key' metadata", reason="API_KEY_INVALID"
+            )
         if len(keys) > 1:
-            raise Unauthenticated("conflicting API keys in authorization and x-api-key metadata", reason="API_KEY_INVALID")
+            raise Unauthenticated(
+                "conflicting API keys in authorization and x-api-key metadata", reason="API_KEY_INVALID"
+            )
         return self.tenant_for_key(keys.pop())
-

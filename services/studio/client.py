@@ -53,10 +53,11 @@ from types import TracebackType
 from typing import Any, BinaryIO, Self
 
 import grpc
-from fashionchameleon.v1 import common_pb2, studio_pb2, studio_pb2_grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
+
+from fashionchameleon.v1 import common_pb2, studio_pb2, studio_pb2_grpc
 
 # The Ray Serve application name of the suite; Ray's gRPC proxy routes on this metadata.
 DEFAULT_APPLICATION = "fashionchameleon"
@@ -135,12 +136,8 @@ class StudioError(Exception):
         """Build from a sync ``grpc.RpcError`` or a ``grpc.aio.AioRpcError``."""
         code = _call_attr(error, "code") or grpc.StatusCode.UNKNOWN
         details = _call_attr(error, "details") or ""
-        reason, domain, metadata, retry_after = _parse_status_details(
-            _call_attr(error, "trailing_metadata")
-        )
-        return cls(
-            code, details, reason=reason, domain=domain, metadata=metadata, retry_after_s=retry_after
-        )
+        reason, domain, metadata, retry_after = _parse_status_details(_call_attr(error, "trailing_metadata"))
+        return cls(code, details, reason=reason, domain=domain, metadata=metadata, retry_after_s=retry_after)
 
 
 class ChunkGapError(StudioError):
@@ -273,9 +270,7 @@ def image_input(image: ImageLike) -> common_pb2.ImageInput:
         image = Path(image)
     if isinstance(image, Path):
         if not image.is_file():
-            raise FileNotFoundError(
-                f"image file not found: {image} (catalog garments are given as 'catalog:<id>')"
-            )
+            raise FileNotFoundError(f"image file not found: {image} (catalog garments are given as 'catalog:<id>')")
         return image_input(image.read_bytes())
     raise TypeError(f"unsupported image type {type(image).__name__}")
 
@@ -388,9 +383,7 @@ def _call_metadata(api_key: str, application: str | None) -> tuple[tuple[str, st
     return tuple(md)
 
 
-def _channel_options(
-    max_message_bytes: int, extra: Mapping[str, Any] | None
-) -> list[tuple[str, Any]]:
+def _channel_options(max_message_bytes: int, extra: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
     opts: dict[str, Any] = {
         "grpc.max_send_message_length": int(max_message_bytes),
         "grpc.max_receive_message_length": int(max_message_bytes),
@@ -431,9 +424,7 @@ class _StreamCursor:
         self.end_state = studio_pb2.Session.STATE_UNSPECIFIED
 
     def request(self) -> studio_pb2.StreamSessionRequest:
-        return studio_pb2.StreamSessionRequest(
-            session_id=self.session_id, resume_from_index=self.next_index
-        )
+        return studio_pb2.StreamSessionRequest(session_id=self.session_id, resume_from_index=self.next_index)
 
     def accept(self, chunk: studio_pb2.VideoChunk) -> bool:
         """True if the chunk is to be yielded; raises ChunkGapError when an index was skipped."""
@@ -548,9 +539,7 @@ class _ChunkRecorder:
             "video_seconds": self.video_seconds,
             "first_index": self.first_index,
             "last_index": self.last_index,
-            "time_to_first_chunk_seconds": (
-                self._arrivals[0] - self._t0 if self._arrivals else None
-            ),
+            "time_to_first_chunk_seconds": (self._arrivals[0] - self._t0 if self._arrivals else None),
             "inter_chunk_p50_seconds": _percentile(gaps, 50),
             "inter_chunk_p99_seconds": _percentile(gaps, 99),
             "inter_chunk_max_seconds": max(gaps) if gaps else None,
@@ -596,9 +585,7 @@ class _ClientBase:
     def __repr__(self) -> str:  # never shows the API key
         return f"{type(self).__name__}(target={self.target!r}, application={self.application!r})"
 
-    def _cursor(
-        self, session_id: str, resume_from_index: int, auto_resume: bool, max_reconnects: int
-    ) -> _StreamCursor:
+    def _cursor(self, session_id: str, resume_from_index: int, auto_resume: bool, max_reconnects: int) -> _StreamCursor:
         return _StreamCursor(
             session_id,
             resume_from_index,
@@ -673,9 +660,7 @@ class StudioClient(_ClientBase):
         options: Mapping[str, Any] | common_pb2.SwitchOptions | None = None,
         request_id: str | None = None,
     ) -> studio_pb2.SwitchGarmentResponse:
-        request = build_switch_garment_request(
-            session_id, garment, options=options, request_id=request_id
-        )
+        request = build_switch_garment_request(session_id, garment, options=options, request_id=request_id)
         return self._unary(self._stub.SwitchGarment, request)
 
     def update_prompt(
@@ -761,10 +746,7 @@ class StudioClient(_ClientBase):
 
 
 class AsyncStudioClient(_ClientBase):
-    __doc__ = (
-        "asyncio Studio client (``grpc.aio``); construct it inside a running event loop.\n"
-        + _CLIENT_DOC_KWARGS
-    )
+    __doc__ = "asyncio Studio client (``grpc.aio``); construct it inside a running event loop.\n" + _CLIENT_DOC_KWARGS
     _grpc = grpc.aio
 
     async def close(self) -> None:
@@ -817,9 +799,7 @@ class AsyncStudioClient(_ClientBase):
         options: Mapping[str, Any] | common_pb2.SwitchOptions | None = None,
         request_id: str | None = None,
     ) -> studio_pb2.SwitchGarmentResponse:
-        request = build_switch_garment_request(
-            session_id, garment, options=options, request_id=request_id
-        )
+        request = build_switch_garment_request(session_id, garment, options=options, request_id=request_id)
         return await self._unary(self._stub.SwitchGarment, request)
 
     async def update_prompt(

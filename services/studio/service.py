@@ -27,26 +27,30 @@ from services.common.errors import (
     OutOfRange,
     ResourceExhausted,
     ServiceError,
+    Unavailable,
     abort_context,
     as_service_error,
     unwrap_remote,
 )
 from services.common.offload import IMAGE_DECODE_WORKERS, BlockingPool
+from services.common.validation import Limits
 from services.jobs.api import JobsApi
 from services.studio.auth import ApiKeyAuth
-from services.studio.wire import MalformedRequest, malformed_error
+from services.studio.health import StudioHealth
 from services.studio.validation import (
-    Limits,
     new_session_id,
     parse_create_session,
     parse_request_id,
     parse_stream_session,
     parse_switch_garment,
     parse_update_prompt,
+    prompt_options_payload,
     validate_session_id,
 )
+from services.studio.wire import MalformedRequest, malformed_error
 from shared.config import AppConfig
-from shared.queue import (
+from shared.redis_util import connect
+from shared.sessionbus import (
     ChunkExpired,
     CommandType,
     ControlCommand,
@@ -57,7 +61,6 @@ from shared.queue import (
     SessionState,
     StreamEnded,
 )
-from shared.queue.config import connect
 from shared.storage import GarmentCatalog, ObjectNotFound, open_store, upload_key
 from shared.telemetry import HealthState, Metrics
 
@@ -79,12 +82,12 @@ def _ts(seconds: float) -> Timestamp:
     return ts
 
 
-class StudioService(JobsApi):
-    """Interactive sessions here; batch clip jobs (SubmitClips, GetJob, ...) from `JobsApi`."""
+class StudioService(StudioHealth):
+    """Interactive sessions here; batch clip jobs (SubmitClips, GetJob, ...) delegate to the
+    composed `JobsApi` (services/jobs/api.py)."""
 
     def __init__(self, config_json: str, generator, encoder, jobs=None):
         self.config = AppConfig.from_json(config_json)
-        self.jobs_config = self.config.jobs
         self.jobs_worker = jobs
         self.generator = generator
         self.encoder = encoder
@@ -99,6 +102,16 @@ class StudioService(JobsApi):
         self.store = open_store(self.config.storage)
         self.catalog = GarmentCatalog(self.store)
         self.blocking = BlockingPool(IMAGE_DECODE_WORKERS, "studio-images")  # image decoding, off the event loop
+        self.jobs_api = JobsApi(
+            redis=self.config.redis,
+            jobs=self.config.jobs,
+            limits=self.limits,
+            store=self.store,
+            catalog=self.catalog,
+            blocking=self.blocking,
+            tenant=self._tenant,
+            unary=self._unary,
+        )
         self.redis = None
         self.registry: SessionRegistry | None = None
         self.metrics = Metrics.create("auto")
@@ -120,8 +133,9 @@ class StudioService(JobsApi):
     def _count(self, method: str, started: float, err: ServiceError | None) -> None:
         code = "OK" if err is None else err.code.name
         self.metrics.requests_total.inc(tags={"service": "studio", "method": method, "code": code})
-        self.metrics.request_latency_seconds.observe(time.perf_counter() - started,
-                                                     tags={"service": "studio", "method": method})
+        self.metrics.request_latency_seconds.observe(
+            time.perf_counter() - started, tags={"service": "studio", "method": method}
+        )
         rejection = None if err is None else _rejection(err)
         if rejection:
             self.metrics.rejections_total.inc(tags={"reason": rejection})
@@ -130,7 +144,7 @@ class StudioService(JobsApi):
         started = time.perf_counter()
         try:
             result = await body()
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+        except Exception as exc:
             err = as_service_error(unwrap_remote(exc))
             self._count(method, started, err)
             if not isinstance(unwrap_remote(exc), ServiceError):
@@ -147,8 +161,9 @@ class StudioService(JobsApi):
         try:
             return await self._registry().get_for_tenant(session_id, tenant)
         except SessionNotFound:
-            raise NotFound(f"session {session_id} not found", reason="SESSION_NOT_FOUND",
-                           metadata={"session_id": session_id}) from None
+            raise NotFound(
+                f"session {session_id} not found", reason="SESSION_NOT_FOUND", metadata={"session_id": session_id}
+            ) from None
 
     async def _object_key(self, ref, tenant: str) -> tuple[str, str]:
         """(object key, garment/image id) for an ImageRef; uploads are stored content-addressed."""
@@ -160,8 +175,11 @@ class StudioService(JobsApi):
             for owner in (tenant, "public"):  # a tenant's own catalog first, then the shared one
                 if await asyncio.to_thread(self.catalog.exists, ref.catalog_id, tenant=owner):
                     return self.catalog.key(ref.catalog_id, owner), ref.catalog_id
-            raise NotFound(f"catalog garment {ref.catalog_id!r} not found", reason="CATALOG_ITEM_NOT_FOUND",
-                           metadata={"catalog_id": ref.catalog_id})
+            raise NotFound(
+                f"catalog garment {ref.catalog_id!r} not found",
+                reason="CATALOG_ITEM_NOT_FOUND",
+                metadata={"catalog_id": ref.catalog_id},
+            )
         key = ref.object_key  # already scoped to this tenant by validation
         try:
             await asyncio.to_thread(self.store.stat, key)
@@ -222,8 +240,7 @@ class StudioService(JobsApi):
             except BaseException:
                 await self.redis.delete(key)
                 raise
-            await self.redis.set(key, json.dumps({"fp": fingerprint, "session_id": session_id}).encode(),
-                                 ex=24 * 3600)
+            await self.redis.set(key, json.dumps({"fp": fingerprint, "session_id": session_id}).encode(), ex=24 * 3600)
             return session_id
         for _ in range(200):  # the first call is still creating: wait for its answer
             value = await self.redis.get(key)
@@ -233,7 +250,8 @@ class StudioService(JobsApi):
             if first.get("fp", fingerprint) != fingerprint:
                 raise AlreadyExists(
                     "request_id: already used for a different CreateSession request; use a new request_id",
-                    reason="IDEMPOTENCY_KEY_REUSED", metadata={"field": "request_id"},
+                    reason="IDEMPOTENCY_KEY_REUSED",
+                    metadata={"field": "request_id"},
                 )
             if first.get("session_id"):
                 return first["session_id"]
@@ -245,8 +263,9 @@ class StudioService(JobsApi):
             tenant = self._tenant(grpc_context, metadata)
             spec = await self.blocking.run(parse_create_session, request, self.limits, tenant=tenant)  # decodes images
             registry = self._registry()
-            session_id = await self._idempotent(tenant, spec.request_id, lambda: self._create(tenant, spec, request),
-                                                _create_fingerprint(spec, request))
+            session_id = await self._idempotent(
+                tenant, spec.request_id, lambda: self._create(tenant, spec, request), _create_fingerprint(spec, request)
+            )
             return self._session_proto(await registry.get(session_id))
 
         return await self._unary(grpc_context, "CreateSession", studio_pb2.Session, body)
@@ -258,8 +277,12 @@ class StudioService(JobsApi):
         quota = self.config.limits.max_sessions_per_tenant
         reservation = f"r-{secrets.token_hex(8)}"
         if not await registry.reserve_quota(tenant, reservation, quota):
-            raise ResourceExhausted(f"too many open sessions for this tenant (quota {quota})", reason="QUOTA_EXCEEDED",
-                                    metadata={"quota": quota}, retry_after_s=10.0)
+            raise ResourceExhausted(
+                f"too many open sessions for this tenant (quota {quota})",
+                reason="QUOTA_EXCEEDED",
+                metadata={"quota": quota},
+                retry_after_s=10.0,
+            )
         try:
             session_id = await self._create_reserved(tenant, spec, request)
         except BaseException:
@@ -282,27 +305,57 @@ class StudioService(JobsApi):
         seed = spec.seed if spec.seed is not None else secrets.randbits(63)
         opts = request.options
         state = generator_pb2.SessionState(
-            seed=seed, reference_latent=reference, garment_latent=garment, garment_id=garment_id,
-            prompt_embedding=prompt.embedding, prompt=spec.prompt, width=opts.width, height=opts.height,
+            seed=seed,
+            reference_latent=reference,
+            garment_latent=garment,
+            garment_id=garment_id,
+            prompt_embedding=prompt.embedding,
+            prompt=spec.prompt,
+            width=opts.width,
+            height=opts.height,
             switch_options=opts.switch_options,
         )
         meta = {
-            "garment_id": garment_id, "prompt": spec.prompt, "seed": seed, "prompt_revision": 0,
-            "max_chunks": spec.options.max_chunks, "reference_key": ref_key, "garment_key": garment_key,
+            "garment_id": garment_id,
+            "prompt": spec.prompt,
+            "seed": seed,
+            "prompt_revision": 0,
+            "max_chunks": spec.options.max_chunks,
+            "reference_key": ref_key,
+            "garment_key": garment_key,
             "max_duration_seconds": spec.options.max_duration_seconds or 0.0,
             "requested_preset": spec.options.preset or "",
             "switch_options": spec.options.switch.explicit(),
         }
         if spec.options.idle_timeout_seconds:
             meta["idle_ttl_s"] = spec.options.idle_timeout_seconds
+        lease_s = self.config.redis.session_lease_s
+        if await self._registry().live_generators() == []:  # every replica's heartbeat lapsed
+            raise Unavailable(
+                "no generator replica is up (one is being replaced); retry shortly",
+                reason="GENERATOR_UNAVAILABLE",
+                retry_after_s=lease_s,
+            )
         last_error: Exception | None = None
         for _ in range(self.config.generator.open_attempts):
             state.session_id = new_session_id()  # a new id hashes to another replica
+            call = self.generator.options(session_id=state.session_id).open_session.remote(state, tenant, meta)
             try:
-                opened = await self.generator.options(session_id=state.session_id).open_session.remote(
-                    state, tenant, meta
-                )
+                opened = await asyncio.wait_for(call, self.config.generator.open_timeout_s)
                 break
+            except TimeoutError:
+                # No replica took it in time (the only one died and Serve is replacing it). A
+                # session the late call might still open has nobody streaming it: close it.
+                with contextlib.suppress(Exception):
+                    call.cancel()
+                with contextlib.suppress(Exception):
+                    await self._registry().close(state.session_id, reason="open timed out")
+                raise Unavailable(
+                    f"no generator replica took the session within {self.config.generator.open_timeout_s:.0f} s; "
+                    "retry shortly",
+                    reason="GENERATOR_UNAVAILABLE",
+                    retry_after_s=lease_s,
+                ) from None
             except Exception as exc:  # noqa: BLE001
                 cause = unwrap_remote(exc)
                 if not isinstance(cause, ResourceExhausted):
@@ -325,7 +378,8 @@ class StudioService(JobsApi):
             if resume > bounds.next_index:  # a chunk that does not exist yet (or ever, once ended)
                 raise OutOfRange(
                     f"resume_from_index {resume} is past the end of the stream (next index {bounds.next_index})",
-                    reason="RESUME_PAST_END", metadata={"next_index": bounds.next_index},
+                    reason="RESUME_PAST_END",
+                    metadata={"next_index": bounds.next_index},
                 )
             first = True
             index = resume
@@ -353,7 +407,7 @@ class StudioService(JobsApi):
                 session_id=session_id, index=index, end_of_stream=True, end_state=_STATES[record.state]
             )
             self._count("StreamSession", started, None)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             err = as_service_error(unwrap_remote(exc))
             self._count("StreamSession", started, err)
             if grpc_context is None:
@@ -400,27 +454,36 @@ class StudioService(JobsApi):
 
     # ---- SwitchGarment / UpdatePrompt ----------------------------------------------------
     async def _send_command(
-        self, session_id: str, command: ControlCommand, *, request_id: str | None = None, fingerprint: str = "",
+        self,
+        session_id: str,
+        command: ControlCommand,
+        *,
+        request_id: str | None = None,
+        fingerprint: str = "",
         assign_revision: bool = False,
     ) -> tuple[int, int | None]:
         """Publish `command` once per request_id and wait until it is applied: (effective chunk
         index, assigned prompt revision). A retry of a request_id gets the first call's answer."""
         control = self._registry().control(session_id)
         try:
-            sent = await control.send_once(command, request_id=request_id, fingerprint=fingerprint,
-                                           assign_revision=assign_revision)
+            sent = await control.send_once(
+                command, request_id=request_id, fingerprint=fingerprint, assign_revision=assign_revision
+            )
         except SessionClosed:
             raise FailedPrecondition(f"session {session_id} is closed", reason="SESSION_NOT_ACTIVE") from None
         except RequestReused:
             raise AlreadyExists(
                 "request_id: already used on this session for a different request; use a new request_id",
-                reason="IDEMPOTENCY_KEY_REUSED", metadata={"field": "request_id"},
+                reason="IDEMPOTENCY_KEY_REUSED",
+                metadata={"field": "request_id"},
             ) from None
         effective = await control.wait_result(sent.command_id, self.config.limits.switch_timeout_s)
         if effective is None:
             raise DeadlineExceeded(
                 f"the command was queued but not applied within {self.config.limits.switch_timeout_s:.0f} s; "
-                "it applies when the session resumes", reason="SESSION_NOT_ACTIVE", retry_after_s=1.0,
+                "it applies when the session resumes",
+                reason="SESSION_NOT_ACTIVE",
+                retry_after_s=1.0,
             )
         return effective, sent.revision
 
@@ -439,8 +502,10 @@ class StudioService(JobsApi):
             }
             payload = {"garment_key": key, "garment_id": garment_id, "options": options}
             effective, _ = await self._send_command(  # the generator records the applied garment
-                spec.session_id, ControlCommand(type=CommandType.SWITCH_GARMENT, payload=payload),
-                request_id=spec.request_id, fingerprint=_digest(payload),
+                spec.session_id,
+                ControlCommand(type=CommandType.SWITCH_GARMENT, payload=payload),
+                request_id=spec.request_id,
+                fingerprint=_digest(payload),
             )
             return studio_pb2.SwitchGarmentResponse(effective_chunk_index=effective, garment_id=garment_id)
 
@@ -454,9 +519,14 @@ class StudioService(JobsApi):
             await self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=prompt))  # validate, warm
             # The revision is assigned and the command published in one step (revision order is
             # stream order); the generator records the applied prompt and revision.
+            payload = {"prompt": prompt}
+            if options := prompt_options_payload(request.options):  # what the update re-caches
+                payload["options"] = options
             effective, revision = await self._send_command(
-                session_id, ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": prompt}),
-                request_id=parse_request_id(request.request_id, self.limits), fingerprint=_digest({"prompt": prompt}),
+                session_id,
+                ControlCommand(type=CommandType.UPDATE_PROMPT, payload=payload),
+                request_id=parse_request_id(request.request_id, self.limits),
+                fingerprint=_digest(payload),
                 assign_revision=True,
             )
             return studio_pb2.UpdatePromptResponse(effective_chunk_index=effective, prompt_revision=revision)
@@ -481,6 +551,23 @@ class StudioService(JobsApi):
             return self._session_proto(await self._session_for(request.session_id, tenant))
 
         return await self._unary(grpc_context, "GetSession", studio_pb2.Session, body)
+
+    # ---- batch clip jobs: the composed JobsApi -----------------------------------------
+    async def SubmitClips(self, request, grpc_context=None, metadata=None) -> studio_pb2.SubmitClipsResponse:
+        return await self.jobs_api.SubmitClips(request, grpc_context, metadata)
+
+    async def GetJob(self, request, grpc_context=None, metadata=None) -> studio_pb2.Job:
+        return await self.jobs_api.GetJob(request, grpc_context, metadata)
+
+    async def ListJobs(self, request, grpc_context=None, metadata=None) -> studio_pb2.ListJobsResponse:
+        return await self.jobs_api.ListJobs(request, grpc_context, metadata)
+
+    async def CancelJob(self, request, grpc_context=None, metadata=None) -> studio_pb2.Job:
+        return await self.jobs_api.CancelJob(request, grpc_context, metadata)
+
+    async def WatchJobs(self, request, grpc_context=None, metadata=None) -> AsyncIterator[studio_pb2.JobEvent]:
+        async for event in self.jobs_api.WatchJobs(request, grpc_context, metadata):
+            yield event
 
 
 _REASON_REJECTIONS = {
@@ -512,10 +599,14 @@ def _image_fingerprint(ref) -> str:
 
 def _create_fingerprint(spec, request) -> str:
     """What a CreateSession asks for, without its request_id (uploads by content hash)."""
-    return _digest({
-        "reference": _image_fingerprint(spec.reference), "garment": _image_fingerprint(spec.garment),
-        "prompt": spec.prompt, "options": request.options.SerializeToString(deterministic=True).hex(),
-    })
+    return _digest(
+        {
+            "reference": _image_fingerprint(spec.reference),
+            "garment": _image_fingerprint(spec.garment),
+            "prompt": spec.prompt,
+            "options": request.options.SerializeToString(deterministic=True).hex(),
+        }
+    )
 
 
 def _idempotency_value(value: bytes) -> dict:
@@ -553,6 +644,7 @@ def _refusing_malformed(name: str, method: Callable, empty: Callable[[], Any], s
     import functools
 
     if streaming:
+
         @functools.wraps(method)
         async def stream(self, request, grpc_context=None, metadata=None):
             if isinstance(request, MalformedRequest):
@@ -574,6 +666,7 @@ def _refusing_malformed(name: str, method: Callable, empty: Callable[[], Any], s
     @functools.wraps(method)
     async def unary(self, request, grpc_context=None, metadata=None):
         if isinstance(request, MalformedRequest):
+
             async def body():
                 self._tenant(grpc_context, metadata)
                 raise malformed_error(request)

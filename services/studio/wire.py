@@ -30,7 +30,8 @@ class MalformedRequest:
 
 def malformed_error(request: MalformedRequest) -> InvalidArgument:
     return InvalidArgument(
-        f"the request is not a valid {request.type_name} message", reason="REQUEST_MALFORMED",
+        f"the request is not a valid {request.type_name} message",
+        reason="REQUEST_MALFORMED",
         metadata={"type": request.type_name},
     )
 
@@ -76,5 +77,5 @@ class _SafeServer:
         return getattr(self._server, name)
 
 
-def add_StudioServicer_to_server(servicer: Any, server: Any) -> None:  # noqa: N802 - grpc's naming
+def add_StudioServicer_to_server(servicer: Any, server: Any) -> None:
     studio_pb2_grpc.add_StudioServicer_to_server(servicer, _SafeServer(server))

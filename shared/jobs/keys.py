@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.queue.keys import validate_id
+from shared.redis_util import validate_id, validate_namespace
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,7 @@ class JobKeys:
     namespace: str
 
     def __post_init__(self) -> None:
-        if not self.namespace or "{" in self.namespace or "}" in self.namespace:
-            raise ValueError(f"invalid namespace {self.namespace!r}")
+        validate_namespace(self.namespace)
 
     @property
     def base(self) -> str:

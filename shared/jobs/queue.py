@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
 import random
 import re
 from collections.abc import Sequence
@@ -40,10 +41,14 @@ from redis.exceptions import ResponseError
 from shared.jobs.config import JobsConfig
 from shared.jobs.keys import JobKeys
 from shared.jobs.spec import ClipSpec, JobRecord, JobResult, JobState, job_id_for
-from shared.queue.streams import QueueError
+from shared.redis_util import to_str
 
 
-class JobNotFound(QueueError):
+class JobQueueError(Exception):
+    """Base of the errors raised by the job queue."""
+
+
+class JobNotFound(JobQueueError):
     """No such job (or, with a tenant, not one of this tenant's jobs)."""
 
     def __init__(self, job_id: str) -> None:
@@ -51,7 +56,7 @@ class JobNotFound(QueueError):
         self.job_id = job_id
 
 
-class IdempotencyConflict(QueueError):
+class IdempotencyConflict(JobQueueError):
     """An idempotency key was already used by this tenant for a different clip spec."""
 
     def __init__(self, index: int, idempotency_key: str, job_id: str) -> None:
@@ -156,7 +161,9 @@ local function owns(rec, stream, group, entry, consumer)
 end
 """
 
-_SUBMIT = _LIB + r"""
+_SUBMIT = (
+    _LIB
+    + r"""
 -- KEYS: stream, tenant_index, events, record_1 .. record_n
 -- ARGV: tenant, events_max, n, then per job: job_id, spec_hash, spec_json, max_attempts, chunks
 local tenant, events_max, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -187,8 +194,11 @@ for i = 1, n do
 end
 return {'OK', created}
 """
+)
 
-_START = _LIB + r"""
+_START = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, dead, events
 -- ARGV: job_id, entry, consumer, group, events_max, dead_max, retention_ms, tenant
 local rec, stream, group, entry = KEYS[1], KEYS[2], ARGV[4], ARGV[2]
@@ -226,8 +236,11 @@ emit(KEYS[4], ARGV[5], ARGV[1], rec)
 return {'OK', redis.call('HGET', rec, 'spec'), redis.call('HGET', rec, 'spec_hash'), attempts + 1,
         redis.call('HGET', rec, 'created_ms'), reclaimed}
 """
+)
 
-_HEARTBEAT = _LIB + r"""
+_HEARTBEAT = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, events   ARGV: job_id, entry, consumer, group, chunks_done, events_max
 local rec = KEYS[1]
 if not owns(rec, KEYS[2], ARGV[4], ARGV[2], ARGV[3]) then return {'LOST'} end
@@ -239,8 +252,11 @@ if done > tonumber(redis.call('HGET', rec, 'chunks_done') or '0') then
 end
 return {string.upper(redis.call('HGET', rec, 'state'))}
 """
+)
 
-_COMPLETE = _LIB + r"""
+_COMPLETE = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, events   ARGV: job_id, entry, consumer, group, result_json, events_max, retention_ms
 local rec = KEYS[1]
 if not owns(rec, KEYS[2], ARGV[4], ARGV[2], ARGV[3]) then return {'LOST'} end
@@ -251,8 +267,11 @@ drop_entry(KEYS[2], ARGV[4], ARGV[2])
 emit(KEYS[3], ARGV[6], ARGV[1], rec)
 return {'OK', now}
 """
+)
 
-_FAIL = _LIB + r"""
+_FAIL = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, delayed, dead, events
 -- ARGV: job_id, entry, consumer, group, reason, retryable (0/1), backoff_ms, events_max, dead_max,
 --       retention_ms, tenant
@@ -281,8 +300,11 @@ drop_entry(stream, group, entry)
 emit(KEYS[5], ARGV[8], ARGV[1], rec)
 return {'RETRY', due}
 """
+)
 
-_CANCELLED = _LIB + r"""
+_CANCELLED = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, events   ARGV: job_id, entry, consumer, group, events_max, retention_ms
 local rec = KEYS[1]
 if not owns(rec, KEYS[2], ARGV[4], ARGV[2], ARGV[3]) then return {'LOST'} end
@@ -291,8 +313,11 @@ drop_entry(KEYS[2], ARGV[4], ARGV[2])
 emit(KEYS[3], ARGV[5], ARGV[1], rec)
 return {'OK'}
 """
+)
 
-_RELEASE = _LIB + r"""
+_RELEASE = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, events   ARGV: job_id, entry, consumer, group, events_max, retention_ms, tenant
 local rec, stream = KEYS[1], KEYS[2]
 if not owns(rec, stream, ARGV[4], ARGV[2], ARGV[3]) then return {'LOST'} end
@@ -309,8 +334,11 @@ redis.call('HSET', rec, 'state', 'queued', 'entry', entry, 'worker', '', 'chunks
 emit(KEYS[3], ARGV[5], ARGV[1], rec)
 return {'OK'}
 """
+)
 
-_PROMOTE = _LIB + r"""
+_PROMOTE = (
+    _LIB
+    + r"""
 -- KEYS: record, delayed, stream, events   ARGV: job_id, tenant, events_max
 local due = redis.call('ZSCORE', KEYS[2], ARGV[1])
 if not due then return {'NONE'} end
@@ -324,8 +352,11 @@ redis.call('HDEL', KEYS[1], 'next_attempt_ms')
 emit(KEYS[4], ARGV[3], ARGV[1], KEYS[1])
 return {'OK'}
 """
+)
 
-_CANCEL = _LIB + r"""
+_CANCEL = (
+    _LIB
+    + r"""
 -- KEYS: record, stream, delayed, events   ARGV: job_id, tenant, events_max, retention_ms
 local rec = KEYS[1]
 if redis.call('HGET', rec, 'tenant') ~= ARGV[2] then return {'NOT_FOUND'} end
@@ -346,10 +377,7 @@ elseif state == 'running' then
 end
 return {'OK'}
 """
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+)
 
 
 _MEMBER = re.compile(r"^[0-9]{15}:job_[a-z2-7]{26}$")
@@ -425,7 +453,7 @@ class JobQueue:
         keys = [self.keys.stream, self.keys.tenant_index(tenant), self.keys.events(tenant)]
         keys += [self.keys.record(j) for j in job_ids]
         status, payload = await self._submit(keys=keys, args=args)
-        if _text(status) == "CONFLICT":
+        if to_str(status) == "CONFLICT":
             spec = unique[int(payload)]
             index = next(i for i, s in enumerate(specs) if s.idempotency_key == spec.idempotency_key)
             raise IdempotencyConflict(index, spec.idempotency_key, job_ids[int(payload)])
@@ -470,9 +498,9 @@ class JobQueue:
         last = ""
         while len(out) < page_size:
             want = page_size - len(out)
-            members = [_text(m) for m in await self.redis.zrange(
-                index, start, "-", desc=True, bylex=True, offset=0, num=want
-            )]
+            members = [
+                to_str(m) for m in await self.redis.zrange(index, start, "-", desc=True, bylex=True, offset=0, num=want)
+            ]
             if not members:
                 return out, ""
             records = await self._maybe_records([m.split(":", 1)[1] for m in members])
@@ -491,7 +519,7 @@ class JobQueue:
         more = await self.redis.zrange(index, start, "-", desc=True, bylex=True, offset=0, num=1)
         return out, encode_page_token(last) if more else ""
 
-    async def _maybe_records(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+    async def _maybe_records(self, job_ids: Sequence[str]) -> builtins.list[JobRecord | None]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.record(job_id))
@@ -504,7 +532,7 @@ class JobQueue:
             keys=[self.keys.record(job_id), self.keys.stream, self.keys.delayed, self.keys.events(tenant)],
             args=[job_id, tenant, self.config.events_max, self._retention_ms],
         )
-        if _text(status) == "NOT_FOUND":
+        if to_str(status) == "NOT_FOUND":
             raise JobNotFound(job_id)
         return await self.get_for_tenant(job_id, tenant)
 
@@ -516,29 +544,32 @@ class JobQueue:
             pipe.zcard(self.keys.delayed)
             length, pending, delayed = await pipe.execute()
         in_flight = int(pending["pending"] if isinstance(pending, dict) else pending[0])
-        return QueueDepth(waiting=max(0, int(length) - in_flight) + int(delayed), in_flight=in_flight,
-                          retrying=int(delayed))
+        return QueueDepth(
+            waiting=max(0, int(length) - in_flight) + int(delayed), in_flight=in_flight, retrying=int(delayed)
+        )
 
-    async def dead_letters(self, count: int = 100) -> list[DeadLetter]:
+    async def dead_letters(self, count: int = 100) -> builtins.list[DeadLetter]:
         """The newest `count` dead letters, newest first."""
         entries = await self.redis.xrevrange(self.keys.dead, count=count)
         return [
-            DeadLetter(_text(entry), _text(f[b"j"]), _text(f[b"t"]), _text(f[b"reason"]), int(f[b"a"]))
+            DeadLetter(to_str(entry), to_str(f[b"j"]), to_str(f[b"t"]), to_str(f[b"reason"]), int(f[b"a"]))
             for entry, f in entries
         ]
 
     async def last_event_id(self, tenant: str) -> str:
         top = await self.redis.xrevrange(self.keys.events(tenant), count=1)
-        return _text(top[0][0]) if top else "0-0"
+        return to_str(top[0][0]) if top else "0-0"
 
-    async def events(self, tenant: str, after_id: str, block_ms: int | None, count: int = 100) -> list[JobEvent]:
+    async def events(
+        self, tenant: str, after_id: str, block_ms: int | None, count: int = 100
+    ) -> builtins.list[JobEvent]:
         """Events of `tenant` after `after_id`, waiting up to `block_ms` for the first."""
         response = await self.redis.xread({self.keys.events(tenant): after_id}, count=count, block=block_ms)
         if not response:
             return []
         entries = response[0][1] if isinstance(response, list) else next(iter(response.values()))[0]
         return [
-            JobEvent(_text(eid), _text(f[b"j"]), JobState(_text(f[b"s"])), int(f[b"c"]), int(f[b"a"]))
+            JobEvent(to_str(eid), to_str(f[b"j"]), JobState(to_str(f[b"s"])), int(f[b"c"]), int(f[b"a"]))
             for eid, f in entries
         ]
 
@@ -559,27 +590,35 @@ class JobQueue:
                 entries = response[0][1] if isinstance(response, list) else next(iter(response.values()))[0]
                 block_ms = None  # later rounds of this call do not wait
             for entry, fields in entries:
-                claim = await self._start_entry(consumer, _text(entry), fields)
+                claim = await self._start_entry(consumer, to_str(entry), fields)
                 if claim is not None:
                     return claim
         return None
 
-    async def _reclaim(self, consumer: str) -> list:
+    async def _reclaim(self, consumer: str) -> builtins.list:
         idle_ms = int(self.config.claim_idle_s * 1000)
         response = await self.redis.xautoclaim(
             self.keys.stream, self.config.group, consumer, idle_ms, start_id=self._autoclaim_cursor, count=1
         )
-        self._autoclaim_cursor = _text(response[0])
+        self._autoclaim_cursor = to_str(response[0])
         return [(e, f) for e, f in response[1] if f]  # deleted entries come back without fields
 
     async def _start_entry(self, consumer: str, entry: str, fields: dict) -> Claim | None:
-        job_id, tenant = _text(fields[b"j"]), _text(fields[b"t"])
+        job_id, tenant = to_str(fields[b"j"]), to_str(fields[b"t"])
         status, *rest = await self._start(
             keys=[self.keys.record(job_id), self.keys.stream, self.keys.dead, self.keys.events(tenant)],
-            args=[job_id, entry, consumer, self.config.group, self.config.events_max, self.config.dead_letters_max,
-                  self._retention_ms, tenant],
+            args=[
+                job_id,
+                entry,
+                consumer,
+                self.config.group,
+                self.config.events_max,
+                self.config.dead_letters_max,
+                self._retention_ms,
+                tenant,
+            ],
         )
-        status = _text(status)
+        status = to_str(status)
         if status == "DEAD" and self.metrics is not None:
             self.metrics.jobs_dead_lettered_total.inc()
         if status != "OK":
@@ -587,14 +626,23 @@ class JobQueue:
         spec_json, spec_hash, attempt, created_ms, reclaimed = rest
         if int(reclaimed) and self.metrics is not None:
             self.metrics.job_retries_total.inc()
-        return Claim(job_id, tenant, entry, consumer, ClipSpec.model_validate_json(spec_json), _text(spec_hash),
-                     int(attempt), int(created_ms), bool(int(reclaimed)))
+        return Claim(
+            job_id,
+            tenant,
+            entry,
+            consumer,
+            ClipSpec.model_validate_json(spec_json),
+            to_str(spec_hash),
+            int(attempt),
+            int(created_ms),
+            bool(int(reclaimed)),
+        )
 
     async def promote_due(self, limit: int = 100) -> int:
         """Queue the retries whose backoff is over; returns how many."""
         seconds, micros = await self.redis.time()
         now_ms = seconds * 1000 + micros // 1000
-        due = [_text(j) for j in await self.redis.zrangebyscore(self.keys.delayed, "-inf", now_ms, start=0, num=limit)]
+        due = [to_str(j) for j in await self.redis.zrangebyscore(self.keys.delayed, "-inf", now_ms, start=0, num=limit)]
         promoted = 0
         for job_id in due:
             tenant = await self.redis.hget(self.keys.record(job_id), "tenant")
@@ -602,13 +650,13 @@ class JobQueue:
                 await self.redis.zrem(self.keys.delayed, job_id)
                 continue
             status, *_ = await self._promote(
-                keys=[self.keys.record(job_id), self.keys.delayed, self.keys.stream, self.keys.events(_text(tenant))],
-                args=[job_id, _text(tenant), self.config.events_max],
+                keys=[self.keys.record(job_id), self.keys.delayed, self.keys.stream, self.keys.events(to_str(tenant))],
+                args=[job_id, to_str(tenant), self.config.events_max],
             )
-            promoted += _text(status) == "OK"
+            promoted += to_str(status) == "OK"
         return promoted
 
-    def _owner_args(self, claim: Claim) -> list[Any]:
+    def _owner_args(self, claim: Claim) -> builtins.list[Any]:
         return [claim.job_id, claim.entry, claim.consumer, self.config.group]
 
     async def heartbeat(self, claim: Claim, chunks_done: int) -> str:
@@ -618,7 +666,7 @@ class JobQueue:
             keys=[self.keys.record(claim.job_id), self.keys.stream, self.keys.events(claim.tenant)],
             args=[*self._owner_args(claim), chunks_done, self.config.events_max],
         )
-        return _text(status)
+        return to_str(status)
 
     async def complete(self, claim: Claim, result: JobResult) -> int | None:
         """Mark the job SUCCEEDED; returns the finish time (ms), or None if the delivery was lost."""
@@ -626,7 +674,7 @@ class JobQueue:
             keys=[self.keys.record(claim.job_id), self.keys.stream, self.keys.events(claim.tenant)],
             args=[*self._owner_args(claim), result.model_dump_json(), self.config.events_max, self._retention_ms],
         )
-        if _text(status) != "OK":
+        if to_str(status) != "OK":
             return None
         if self.metrics is not None:
             self.metrics.jobs_completed_total.inc()
@@ -638,12 +686,25 @@ class JobQueue:
         base = self.config.backoff_s(claim.attempt)
         backoff_ms = int(1000 * (base + random.uniform(0, self.config.backoff_jitter * base)))
         status, *_ = await self._fail(
-            keys=[self.keys.record(claim.job_id), self.keys.stream, self.keys.delayed, self.keys.dead,
-                  self.keys.events(claim.tenant)],
-            args=[*self._owner_args(claim), reason[:2000], int(retryable), backoff_ms, self.config.events_max,
-                  self.config.dead_letters_max, self._retention_ms, claim.tenant],
+            keys=[
+                self.keys.record(claim.job_id),
+                self.keys.stream,
+                self.keys.delayed,
+                self.keys.dead,
+                self.keys.events(claim.tenant),
+            ],
+            args=[
+                *self._owner_args(claim),
+                reason[:2000],
+                int(retryable),
+                backoff_ms,
+                self.config.events_max,
+                self.config.dead_letters_max,
+                self._retention_ms,
+                claim.tenant,
+            ],
         )
-        status = _text(status)
+        status = to_str(status)
         if self.metrics is not None:
             if status == "RETRY":
                 self.metrics.job_retries_total.inc()
@@ -657,7 +718,7 @@ class JobQueue:
             keys=[self.keys.record(claim.job_id), self.keys.stream, self.keys.events(claim.tenant)],
             args=[*self._owner_args(claim), self.config.events_max, self._retention_ms],
         )
-        return _text(status) == "OK"
+        return to_str(status) == "OK"
 
     async def release(self, claim: Claim) -> str:
         """Give an unfinished attempt back (worker shutting down): the job is queued again and
@@ -666,11 +727,11 @@ class JobQueue:
             keys=[self.keys.record(claim.job_id), self.keys.stream, self.keys.events(claim.tenant)],
             args=[*self._owner_args(claim), self.config.events_max, self._retention_ms, claim.tenant],
         )
-        return _text(status)
+        return to_str(status)
 
     async def wait_for(
         self, job_ids: Sequence[str], tenant: str, timeout_s: float, poll_s: float = 0.2
-    ) -> list[JobRecord]:
+    ) -> builtins.list[JobRecord]:
         """Poll until every job is final (tests and tools); TimeoutError otherwise."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -682,4 +743,3 @@ class JobQueue:
                 pending = {r.job_id: r.state.value for r in records if not r.is_terminal}
                 raise TimeoutError(f"jobs not finished after {timeout_s} s: {pending}")
             await asyncio.sleep(poll_s)
-

@@ -37,7 +37,7 @@ TERMINAL_JOB_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.C
 
 
 def job_id_for(tenant: str, idempotency_key: str) -> str:
-    """"job_" + 26 lowercase base32 characters of sha256(tenant, key): one job per key."""
+    """ "job_" + 26 lowercase base32 characters of sha256(tenant, key): one job per key."""
     digest = hashlib.sha256(f"{tenant}\n{idempotency_key}".encode()).digest()
     return JOB_ID_PREFIX + base64.b32encode(digest).decode("ascii")[:26].lower()
 

@@ -211,15 +211,24 @@ class FragmentedMp4Muxer:
         sps, pps = self._sps, self._pps
         ftyp = _box(b"ftyp", b"isom", struct.pack(">I", 0x200), b"isomiso6avc1mp41")
         mvhd = _full_box(
-            b"mvhd", 0, 0,
+            b"mvhd",
+            0,
+            0,
             struct.pack(">IIII", 0, 0, self.timescale, 0),
-            struct.pack(">IH", 0x10000, 0x100), bytes(10), _MATRIX, bytes(24),
+            struct.pack(">IH", 0x10000, 0x100),
+            bytes(10),
+            _MATRIX,
+            bytes(24),
             struct.pack(">I", _TRACK_ID + 1),
         )
         tkhd = _full_box(
-            b"tkhd", 0, 3,  # enabled | in movie
-            struct.pack(">IIIII", 0, 0, _TRACK_ID, 0, 0), bytes(8),
-            struct.pack(">hhhH", 0, 0, 0, 0), _MATRIX,
+            b"tkhd",
+            0,
+            3,  # enabled | in movie
+            struct.pack(">IIIII", 0, 0, _TRACK_ID, 0, 0),
+            bytes(8),
+            struct.pack(">hhhH", 0, 0, 0, 0),
+            _MATRIX,
             struct.pack(">II", self.coded_width << 16, self.coded_height << 16),
         )
         mdhd = _full_box(b"mdhd", 0, 0, struct.pack(">IIIIHH", 0, 0, self.timescale, 0, 0x55C4, 0))
@@ -228,13 +237,24 @@ class FragmentedMp4Muxer:
         if sps[0] & 0x1F == 7 and sps[1] in (100, 110, 122, 144):  # High profiles: 4:2:0, 8 bit
             avcc_tail = bytes([0xFC | 1, 0xF8, 0xF8, 0])
         avcc = _box(
-            b"avcC", bytes([1, sps[1], sps[2], sps[3], 0xFF, 0xE1]),
-            struct.pack(">H", len(sps)), sps, bytes([1]), struct.pack(">H", len(pps)), pps, avcc_tail,
+            b"avcC",
+            bytes([1, sps[1], sps[2], sps[3], 0xFF, 0xE1]),
+            struct.pack(">H", len(sps)),
+            sps,
+            bytes([1]),
+            struct.pack(">H", len(pps)),
+            pps,
+            avcc_tail,
         )
         avc1 = _box(
-            b"avc1", bytes(6), struct.pack(">H", 1), bytes(16),
+            b"avc1",
+            bytes(6),
+            struct.pack(">H", 1),
+            bytes(16),
             struct.pack(">HHIIIH", self.coded_width, self.coded_height, 0x480000, 0x480000, 0, 1),
-            bytes(32), struct.pack(">Hh", 0x18, -1), avcc,
+            bytes(32),
+            struct.pack(">Hh", 0x18, -1),
+            avcc,
         )
         stbl = _box(
             b"stbl",
@@ -255,7 +275,9 @@ class FragmentedMp4Muxer:
         mfhd = _full_box(b"mfhd", 0, 0, struct.pack(">I", self._sequence))
         # default-base-is-moof | default-sample-duration
         tfhd = _full_box(b"tfhd", 0, 0x020008, struct.pack(">II", _TRACK_ID, self.sample_duration))
-        tfdt = _full_box(b"tfdt", 1, 0, struct.pack(">Q", (self.start_frame + self._samples_out) * self.sample_duration))
+        tfdt = _full_box(
+            b"tfdt", 1, 0, struct.pack(">Q", (self.start_frame + self._samples_out) * self.sample_duration)
+        )
         entries = b"".join(
             struct.pack(">II", len(data), _SYNC_FLAGS if key else _NON_SYNC_FLAGS) for data, key in samples
         )

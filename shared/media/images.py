@@ -10,6 +10,9 @@ Preprocessing (paper, section 5.1):
 - garment: resize preserving aspect ratio to fit inside H x W, centre-pad (white by default).
 
 Sizes are (height, width) in pixels in arguments; PIL's own `.size` is (width, height).
+
+No torch here (the CPU-only gateway decodes uploads with `load_image`): image <-> tensor
+conversion is in `shared.media.image_tensors`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -50,7 +52,7 @@ def load_image(
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))  # parses the header only
+            img: Image.Image = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))  # parses the header only
         except Image.UnidentifiedImageError:
             raise ImageError(f"not a supported image (allowed formats: {', '.join(ALLOWED_FORMATS)})") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -139,19 +141,3 @@ def prepare_garment(
 ) -> Image.Image:
     """Resize preserving aspect ratio to fit inside height x width, then centre-pad with `fill`."""
     return ImageOps.pad(img, (width, height), method=Image.Resampling.LANCZOS, color=fill, centering=(0.5, 0.5))
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB image -> float32 tensor [3, H, W] in [-1, 1]."""
-    if img.mode != "RGB":
-        raise ImageError(f"expected an RGB image, got mode {img.mode}")
-    hwc = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3]
-    return hwc.permute(2, 0, 1).float().div(127.5).sub(1.0)  # [3, H, W]
-
-
-def from_tensor(t: torch.Tensor) -> Image.Image:
-    """Tensor [3, H, W] in [-1, 1] -> RGB image (values outside [-1, 1] are clipped)."""
-    if t.ndim != 3 or t.shape[0] != 3:
-        raise ValueError(f"expected [3, H, W], got {tuple(t.shape)}")
-    hwc = ((t.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0)  # [H, W, 3]
-    return Image.fromarray(hwc.cpu().numpy())  # uint8 [H, W, 3] -> mode RGB

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Union
+from typing import Any
 
 import av
 import numpy as np
 
-PathOrBytes = Union[str, Path, bytes, bytearray, memoryview]
+PathOrBytes = str | Path | bytes | bytearray | memoryview
 
 __all__ = [
     "Mp4Writer",
@@ -92,9 +92,7 @@ class Mp4Writer:
     Frame ``i`` gets timestamp ``i / fps``. Use as a context manager or call :meth:`close`.
     """
 
-    def __init__(
-        self, path: str | Path, fps: float | Fraction = 24, crf: int = 18, preset: str = "veryfast"
-    ) -> None:
+    def __init__(self, path: str | Path, fps: float | Fraction = 24, crf: int = 18, preset: str = "veryfast") -> None:
         self.path = Path(path)
         self.fps = fps_fraction(fps)
         self.crf = crf

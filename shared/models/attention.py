@@ -1,14 +1,20 @@
 """Attention backends in one registry: `math` (reference), `sdpa` (PyTorch), `flash` (flash-attn).
 
 All backends take q [B, Lq, H, D], k/v [B, Lk, H, D] and an optional boolean mask [Lq, Lk]
-(True = may attend) and return [B, Lq, H, D]. Select one with `use_attention_backend(name)`;
-`auto` picks the fastest backend whose constraints the call meets. CPU numerics tests compare
-against `math`.
+(True = may attend) and return [B, Lq, H, D]. `auto` picks the fastest backend whose
+constraints the call meets. CPU numerics tests compare against `math`.
+
+Selecting a backend is not process-global state. An engine (and each session it opens) passes
+its backend name down to its attention hooks (`attention(..., backend=name)`), so two engines
+with different backends run side by side in threads. Code without an engine (training steps,
+tests) can set an ambient default with `use_attention_backend(name)`: a context variable, so
+it holds for the current thread / asyncio task only. An explicit `backend` wins over it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -59,44 +65,52 @@ BACKENDS: dict[str, AttentionBackend] = {
     "flash": AttentionBackend("flash", _flash, _flash_supports),
 }
 _AUTO_ORDER = ("flash", "sdpa")
-_current = "auto"
+# The ambient default of this thread / task (`use_attention_backend`); engines pass theirs explicitly.
+_ambient: contextvars.ContextVar[str] = contextvars.ContextVar("attention_backend", default="auto")
 
 
-def current_backend() -> str:
-    return _current
-
-
-def set_attention_backend(name: str) -> None:
-    global _current
+def check_backend(name: str) -> str:
+    """`name` if it selects a usable backend (`auto` or a registry entry), else ValueError."""
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose auto or one of {sorted(BACKENDS)}")
     if name == "flash" and not _FLASH_AVAILABLE:
         raise ValueError("attention backend 'flash' needs the flash-attn package (the `gpu` extra)")
-    _current = name
+    return name
+
+
+def current_backend() -> str:
+    """The ambient default of the calling thread / task."""
+    return _ambient.get()
 
 
 @contextlib.contextmanager
 def use_attention_backend(name: str) -> Iterator[None]:
-    previous = _current
-    set_attention_backend(name)
+    """Make `name` the ambient default inside the block, for this thread / task only."""
+    token = _ambient.set(check_backend(name))
     try:
         yield
     finally:
-        set_attention_backend(previous)
+        _ambient.reset(token)
 
 
-def resolve_backend(q: torch.Tensor, mask: torch.Tensor | None = None) -> AttentionBackend:
-    if _current != "auto":
-        backend = BACKENDS[_current]
+def resolve_backend(q: torch.Tensor, mask: torch.Tensor | None = None, name: str | None = None) -> AttentionBackend:
+    """The backend a call runs on: `name` (None = the ambient default), `auto` resolved per call."""
+    name = _ambient.get() if name is None else name
+    if name != "auto":
+        backend = BACKENDS[check_backend(name)]
         if not backend.supports(q, mask):
-            raise ValueError(f"attention backend {_current!r} does not support this call ({q.device}, {q.dtype})")
+            raise ValueError(f"attention backend {name!r} does not support this call ({q.device}, {q.dtype})")
         return backend
-    for name in _AUTO_ORDER:
-        if BACKENDS[name].supports(q, mask):
-            return BACKENDS[name]
+    for candidate in _AUTO_ORDER:
+        if BACKENDS[candidate].supports(q, mask):
+            return BACKENDS[candidate]
     return BACKENDS["sdpa"]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D]."""
-    return resolve_backend(q, mask).fn(q, k, v, mask)
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """Scaled dot-product attention, [B, Lq, H, D] x [B, Lk, H, D] -> [B, Lq, H, D].
+
+    `backend` names the kernel (None = the ambient default of this thread / task)."""
+    return resolve_backend(q, mask, backend).fn(q, k, v, mask)

@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 
 from .dit import InContextWanDiT
-from .presets import PRESETS, DiTConfig, Preset, StreamingConfig, TextEncoderConfig, VAEConfig, get_preset
+from .presets import (
+    PRESETS,
+    DiTConfig,
+    Preset,
+    StreamingConfig,
+    TextEncoderConfig,
+    TrainedRangeError,
+    VAEConfig,
+    get_preset,
+    warn_beyond_trained,
+)
 from .text_encoder import TextEncoder
 from .vae import VideoVAE
 
@@ -95,11 +105,14 @@ def build_random(
 
 
 def save_checkpoint(components: Components, out_dir: str | Path) -> Path:
+    dit, vae, text = components.dit, components.vae, components.text_encoder
+    if dit is None or vae is None or text is None:
+        raise ValueError("save_checkpoint needs all three parts (dit, vae, text_encoder)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    components.dit.save_pretrained(out / "transformer")
-    components.vae.save_pretrained(out / "vae")
-    components.text_encoder.save_pretrained(out / "text_encoder", out / "tokenizer")
+    dit.save_pretrained(out / "transformer")
+    vae.save_pretrained(out / "vae")
+    text.save_pretrained(out / "text_encoder", out / "tokenizer")
     index = {
         "_class_name": "FashionChameleonPipeline",
         "transformer": ["diffusers", "WanTransformer3DModel"],
@@ -146,10 +159,28 @@ def read_preset(path: str | Path) -> tuple[Preset, str]:
         te = _read_json(root / "text_encoder" / "config.json")
         fields = {k: te[k] for k in TextEncoderConfig.model_fields if k in te}
         text = TextEncoderConfig(**{**fields, "tokenizer": "folder"})
-    streaming = StreamingConfig(**settings["streaming"]) if "streaming" in settings else base.streaming
+    streaming = _streaming_settings(root, settings["streaming"]) if "streaming" in settings else base.streaming
     name = settings.get("preset", base.name)
     checkpoint_id = settings.get("checkpoint_id") or _folder_id(root)
     return Preset(name=name, dit=dit, vae=vae, text_encoder=text, streaming=streaming), checkpoint_id
+
+
+def _streaming_settings(root: Path, streaming: dict) -> StreamingConfig:
+    """The streaming settings a checkpoint records, checked against the length it was trained at
+    (`trained_frames`, written by the training run): attending further is an error, unless the
+    settings opt in with `attend_beyond_trained` (then a warning)."""
+    try:
+        st = StreamingConfig(**streaming)
+    except ValueError as exc:  # pydantic's ValidationError keeps the validator's own error in ctx
+        errors = exc.errors() if hasattr(exc, "errors") else []
+        cause = next(
+            (e["ctx"]["error"] for e in errors if isinstance(e.get("ctx", {}).get("error"), TrainedRangeError)), None
+        )
+        if cause is not None:
+            raise CheckpointError(f"checkpoint {root}: {cause}") from None
+        raise CheckpointError(f"checkpoint {root}: invalid streaming settings in {STREAMING_CONFIG}: {exc}") from None
+    warn_beyond_trained(st, f"checkpoint {root}")
+    return st
 
 
 def _folder_id(root: Path) -> str:

@@ -44,14 +44,6 @@ def teacher_forcing_frame_mask(
     return mask
 
 
-def streaming_prefix_frame_mask(cond_frames: int, chunk_frames: int, history_chunks: int) -> torch.Tensor:
-    """Mask for one uncached step of streaming: [cond | clean history chunks | one noisy chunk]."""
-    full = teacher_forcing_frame_mask(cond_frames, chunk_frames, history_chunks + 1, noisy_chunks=0)
-    # The last "clean" chunk of a causal sequence is the noisy chunk: it sees cond, the history
-    # and itself, which is the same row pattern.
-    return full
-
-
 def expand_to_tokens(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     """[Lf, Lf] frame mask -> [Lf * N, Lf * N] token mask."""
     return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)

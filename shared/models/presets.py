@@ -10,7 +10,8 @@ Units: "pixel frames" are decoded video frames, "latent frames" are VAE latent f
 
 from __future__ import annotations
 
-from typing import Literal
+import warnings
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -41,7 +42,7 @@ class DiTConfig(_Frozen):
         return self.num_attention_heads * self.attention_head_dim
 
     @model_validator(mode="after")
-    def _check(self) -> "DiTConfig":
+    def _check(self) -> DiTConfig:
         if self.patch_size[0] != 1:
             raise ValueError("streaming needs a temporal patch size of 1 (one latent frame per token row)")
         hw = 2 * (self.attention_head_dim // 6)
@@ -86,7 +87,7 @@ class VAEConfig(_Frozen):
     scale_factor_temporal: int = 4
 
     @model_validator(mode="after")
-    def _check(self) -> "VAEConfig":
+    def _check(self) -> VAEConfig:
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError("latents_mean/latents_std must have z_dim entries")
         return self
@@ -118,30 +119,58 @@ class TextEncoderConfig(_Frozen):
     tokenizer: Literal["byte", "folder"] = "folder"
 
 
+# How to read the paper's "KV cache size M = 23" (section 5.1):
+#   "trained-span" (default): M is the whole attended span, cond + sink + window + chunk = the trained
+#                 sequence length (2 + 21 = 23 at the paper's setting), so no chunk ever sees a RoPE
+#                 position or a sequence length that training did not show the model.
+#   "m-is-cache": M counts the cached sink + window frames only, so a chunk attends cond + M + chunk
+#                 (28 at the paper's setting): positions beyond training (an explicit opt-in,
+#                 `attend_beyond_trained=True`, which the checkpoint loader warns about).
+KVReading = Literal["trained-span", "m-is-cache"]
+KV_READINGS: tuple[str, ...] = ("trained-span", "m-is-cache")
+
+
+class TrainedRangeError(ValueError):
+    """Streaming settings attend more latent frames than the model was trained on."""
+
+
 class StreamingConfig(_Frozen):
-    """Streaming inference settings (paper sections 4.3 and 5.1)."""
+    """Streaming inference settings (paper sections 4.3 and 5.1).
+
+    The attended span (cond + sink + window + chunk, latent frames) is bounded by `trained_frames`,
+    the sequence length (cond included) the model was trained at; the training recipe's clips are
+    `trained_frames - cond_frames` latent frames and the training run records the number in the
+    checkpoint. `attend_beyond_trained` lifts the bound (the "m-is-cache" reading, an ablation).
+    """
 
     height: int = 704
     width: int = 1280
     fps: int = 24
     chunk_frames: int = 3  # latent frames per chunk (first chunk -> 9 pixel frames, later -> 12)
     sink_frames: int = 3  # latent frames kept as attention sink (the first chunk after open/switch)
-    max_cache_frames: int = 23  # M: sink + window latent frames kept in the cache
+    # M: sink + window latent frames kept in the cache. cond 2 + sink 3 + window 15 + chunk 3 = 23.
+    max_cache_frames: int = 18
     cond_frames: int = 2  # reference + garment, one latent frame each
     timesteps: tuple[int, ...] = (1000, 750, 500, 250)
     shift: float = 5.0
     num_train_timesteps: int = 1000
     rope_policy: Literal["relative", "absolute"] = "relative"
     context_pass: bool = True
+    # Sequence length the model was trained at, latent frames with cond (2 + 21 = 23 in the paper).
+    trained_frames: int = 23
+    # Opt-in to attend past `trained_frames` (RoPE positions and lengths never seen in training).
+    attend_beyond_trained: bool = False
 
     @model_validator(mode="after")
-    def _check(self) -> "StreamingConfig":
+    def _check(self) -> StreamingConfig:
         if self.sink_frames > self.max_cache_frames - self.chunk_frames:
             raise ValueError("sink_frames must leave room for at least one chunk in the window")
         if self.sink_frames > self.chunk_frames:
             raise ValueError("the sink is filled by the first chunk, so sink_frames <= chunk_frames")
         if any(not 0 < t <= self.num_train_timesteps for t in self.timesteps):
             raise ValueError("timesteps must lie in (0, num_train_timesteps]")
+        if self.attended_frames > self.trained_frames and not self.attend_beyond_trained:
+            raise TrainedRangeError(self.trained_range_message())
         return self
 
     @property
@@ -149,9 +178,57 @@ class StreamingConfig(_Frozen):
         return self.max_cache_frames - self.sink_frames
 
     @property
+    def attended_frames(self) -> int:
+        """Latent frames a steady-state chunk attends to: cond + sink + window + the chunk itself."""
+        return self.cond_frames + self.max_cache_frames + self.chunk_frames
+
+    @property
     def max_rope_frame_position(self) -> int:
-        """Largest temporal RoPE position the model sees in training (cond + M + one chunk - 1)."""
-        return self.cond_frames + self.max_cache_frames + self.chunk_frames - 1
+        """Largest temporal RoPE position a chunk sees under the relative policy (attended - 1);
+        at most `trained_frames - 1` unless `attend_beyond_trained`."""
+        return self.attended_frames - 1
+
+    @property
+    def kv_reading(self) -> KVReading:
+        """Which reading of the paper's M these settings follow (see `KVReading`)."""
+        return "m-is-cache" if self.attended_frames > self.trained_frames else "trained-span"
+
+    def trained_range_message(self) -> str:
+        fit = self.trained_frames - self.cond_frames - self.chunk_frames
+        return (
+            f"streaming settings attend {self.attended_frames} latent frames (cond {self.cond_frames} + sink "
+            f"{self.sink_frames} + window {self.window_frames} + chunk {self.chunk_frames}) but the model was "
+            f"trained on sequences of {self.trained_frames} (trained_frames): RoPE positions up to "
+            f"{self.max_rope_frame_position} would extrapolate past {self.trained_frames - 1}. Set "
+            f"max_cache_frames={fit} (sink + window) to stay inside the trained range, or opt in to the "
+            f"'m-is-cache' reading explicitly with attend_beyond_trained=true"
+        )
+
+    def for_reading(self, reading: KVReading) -> StreamingConfig:
+        """These settings with M sized by a reading of the paper: "trained-span" fills the trained
+        length exactly (M = trained - cond - chunk); "m-is-cache" caches M = trained frames and
+        attends cond + M + chunk (sets `attend_beyond_trained`)."""
+        if reading == "trained-span":
+            m, beyond = self.trained_frames - self.cond_frames - self.chunk_frames, False
+        elif reading == "m-is-cache":
+            m, beyond = self.trained_frames, True
+        else:
+            raise ValueError(f"unknown KV reading {reading!r}; choose one of {', '.join(KV_READINGS)}")
+        return StreamingConfig(**{**self.model_dump(), "max_cache_frames": m, "attend_beyond_trained": beyond})
+
+
+def warn_beyond_trained(streaming: StreamingConfig, source: str) -> bool:
+    """Warn (UserWarning) when `streaming` attends past its trained length by opt-in; True if so."""
+    if streaming.attended_frames <= streaming.trained_frames:
+        return False
+    warnings.warn(
+        f"{source}: attend_beyond_trained is set ('m-is-cache' reading): chunks attend "
+        f"{streaming.attended_frames} latent frames, RoPE positions up to {streaming.max_rope_frame_position}, "
+        f"but the model was trained on {streaming.trained_frames} (positions up to {streaming.trained_frames - 1})",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 class Preset(_Frozen):
@@ -188,10 +265,22 @@ class Preset(_Frozen):
         if height <= 0 or width <= 0 or height % step or width % step:
             raise ValueError(f"resolution {width}x{height} must be positive multiples of {step} for preset {self.name}")
 
-    def with_streaming(self, **changes) -> "Preset":
-        return self.model_copy(update={"streaming": self.streaming.model_copy(update=changes)})
+    @property
+    def attended_frames(self) -> int:
+        """Latent frames a chunk attends to: cond + sink + window + chunk."""
+        return self.streaming.attended_frames
 
-    def with_resolution(self, height: int, width: int) -> "Preset":
+    @property
+    def trained_frames(self) -> int:
+        """The training recipe's sequence length, latent frames with cond (what the model saw)."""
+        return self.streaming.trained_frames
+
+    def with_streaming(self, **changes) -> Preset:
+        """A copy with changed streaming settings, validated (the trained range included)."""
+        streaming = StreamingConfig(**{**self.streaming.model_dump(), **changes})
+        return self.model_copy(update={"streaming": streaming})
+
+    def with_resolution(self, height: int, width: int) -> Preset:
         self.check_resolution(height, width)
         return self.with_streaming(height=height, width=width)
 
@@ -220,7 +309,7 @@ def _tiny_vae(z_dim: int) -> VAEConfig:
     )
 
 
-_SMALL_TEXT = dict(vocab_size=384, relative_attention_num_buckets=8, relative_attention_max_distance=32)
+_SMALL_TEXT: dict[str, Any] = dict(vocab_size=384, relative_attention_num_buckets=8, relative_attention_max_distance=32)
 
 PRESETS: dict[str, Preset] = {
     "wan2.2-ti2v-5b": Preset(
@@ -280,7 +369,7 @@ PRESETS: dict[str, Preset] = {
         text_encoder=TextEncoderConfig(
             d_model=64, d_ff=128, d_kv=32, num_layers=2, num_heads=2, max_length=160, tokenizer="byte", **_SMALL_TEXT
         ),
-        streaming=StreamingConfig(height=160, width=96, max_cache_frames=9),
+        streaming=StreamingConfig(height=160, width=96, max_cache_frames=9, trained_frames=14),
     ),
     # In between: enough depth and width to profile kernels and cache traffic on a laptop GPU.
     "small": Preset(

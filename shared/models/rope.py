@@ -68,11 +68,27 @@ class RopeTable:
         ang = torch.cat(
             [ang_t[:, None, :].expand(-1, n, -1), self._ang_hw[None].expand(len(key), -1, -1)], dim=-1
         ).reshape(len(key) * n, -1)  # [F*N, head_dim/2]
-        out = (ang.cos().float().to(self.device), ang.sin().float().to(self.device))
+        out = (self._to_device(ang.cos().float()), self._to_device(ang.sin().float()))
         self._memo[key] = out
         if len(self._memo) > self._max_cached:
             self._memo.popitem(last=False)
         return out
+
+    def shift_cos_sin(self, shifts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [len(shifts) * N, head_dim / 2] that move already-rotated keys of frames by
+        `shifts` temporal positions (the h/w parts are left as they are: angle 0)."""
+        pos = torch.tensor([int(p) for p in shifts], dtype=torch.float64)
+        n = self.tokens_per_frame
+        ang_t = torch.outer(pos, self._inv_t)[:, None, :].expand(-1, n, -1)
+        ang = torch.cat([ang_t, torch.zeros(len(shifts), n, self._ang_hw.shape[-1], dtype=torch.float64)], dim=-1)
+        ang = ang.reshape(len(shifts) * n, -1)
+        return self._to_device(ang.cos().float()), self._to_device(ang.sin().float())
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # A pinned, asynchronous host-to-device copy: no pageable copy (and no stall) in a chunk.
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

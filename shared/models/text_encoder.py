@@ -14,10 +14,6 @@ Nothing here touches the network: every load is `local_files_only=True`.
 
 from __future__ import annotations
 
-import hashlib
-import html
-import re
-import unicodedata
 from os import PathLike
 from typing import Any
 
@@ -26,62 +22,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import AutoTokenizer, PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from shared.models.presets import TextEncoderConfig
+from shared.models.prompts import clean_prompt
 
 PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 BYTE_TOKEN_OFFSET = 3  # byte b -> token id 3 + b
 BYTE_VOCAB_SIZE = BYTE_TOKEN_OFFSET + 256
 _DEFAULT_MAX_LENGTH = TextEncoderConfig().max_length  # Wan2.2: 512 tokens
-_ALLOWED_CONTROL = frozenset("\t\n\r")
-_PROMPT_KEY_VERSION = "fashionchameleon/prompt-key/v1"
-
-
-# ---- prompt helpers ------------------------------------------------------------------------
-def validate_prompt(prompt: str, max_chars: int = 2000) -> str:
-    """Check a user prompt at the service edge and return it stripped of surrounding whitespace.
-
-    Raises `ValueError` for a non-string, an empty or whitespace-only prompt, more than
-    `max_chars` characters (Unicode code points, counted after stripping), a NUL byte, control
-    characters other than tab/newline/carriage return, or lone surrogates (not valid UTF-8).
-    """
-    if not isinstance(prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-    if max_chars <= 0:
-        raise ValueError(f"max_chars must be positive, got {max_chars}")
-    text = prompt.strip()
-    if not text:
-        raise ValueError("prompt is empty or whitespace only")
-    if len(text) > max_chars:
-        raise ValueError(f"prompt is {len(text)} characters long; the limit is {max_chars}")
-    if "\x00" in text:
-        raise ValueError("prompt contains a NUL character")
-    for i, ch in enumerate(text):
-        category = unicodedata.category(ch)
-        if category == "Cc" and ch not in _ALLOWED_CONTROL:
-            raise ValueError(f"prompt contains control character U+{ord(ch):04X} at position {i}")
-        if category == "Cs":
-            raise ValueError(f"prompt contains a lone surrogate U+{ord(ch):04X} at position {i}")
-    return text
-
-
-def clean_prompt(prompt: str) -> str:
-    """Normalize a prompt like diffusers' Wan `prompt_clean`, minus `ftfy` (kept dependency-free):
-    HTML entities unescaped (twice), runs of whitespace collapsed to one space, ends stripped."""
-    text = html.unescape(html.unescape(prompt)).strip()
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def prompt_key(prompt: str, model_id: str) -> str:
-    """Content hash (sha256 hex, 64 chars) of a prompt's embedding for `model_id`, for caches.
-
-    Hashes the cleaned prompt, so prompts that encode identically share a key. `model_id` must
-    identify everything else the embedding depends on (weights, tokenizer, max_length).
-    """
-    h = hashlib.sha256()
-    for part in (_PROMPT_KEY_VERSION, model_id, clean_prompt(prompt)):
-        data = part.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguous concatenation
-        h.update(data)
-    return h.hexdigest()
 
 
 # ---- construction helpers ------------------------------------------------------------------
@@ -184,7 +130,7 @@ class TextEncoder:
 
     # -- constructors --
     @classmethod
-    def build(cls, cfg: TextEncoderConfig, seed: int | None = None) -> "TextEncoder":
+    def build(cls, cfg: TextEncoderConfig, seed: int | None = None) -> TextEncoder:
         """Random-init encoder for a preset (deterministic for a given `seed`; global RNG untouched).
 
         Only `tokenizer="byte"` configs can be built; a "folder" tokenizer (umT5 SentencePiece)
@@ -213,7 +159,7 @@ class TextEncoder:
         max_length: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> "TextEncoder":
+    ) -> TextEncoder:
         """Load from local folders (diffusers Wan layout: `text_encoder/` and `tokenizer/`).
 
         `max_length` (tokens) defaults to the tokenizer's `model_max_length` when that is a real
@@ -250,7 +196,7 @@ class TextEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextEncoder":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEncoder:
         """Move/cast the encoder in place; returns self."""
         self.model.to(device=device, dtype=dtype)
         return self

@@ -30,7 +30,7 @@ class VideoVAE:
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
-    def build(cls, cfg: VAEConfig, seed: int | None = None) -> "VideoVAE":
+    def build(cls, cfg: VAEConfig, seed: int | None = None) -> VideoVAE:
         """Random init from a config; with `seed`, the weights depend only on the seed (global RNG untouched)."""
         if seed is None:
             return cls(AutoencoderKLWan(**cfg.diffusers_kwargs()))
@@ -46,7 +46,7 @@ class VideoVAE:
         subfolder: str | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-    ) -> "VideoVAE":
+    ) -> VideoVAE:
         """Load a diffusers-layout VAE folder (config.json + diffusion_pytorch_model.safetensors)."""
         module = AutoencoderKLWan.from_pretrained(str(folder), subfolder=subfolder, torch_dtype=dtype)
         return cls(module.to(device))
@@ -55,7 +55,7 @@ class VideoVAE:
         """Write the diffusers layout (config.json + diffusion_pytorch_model.safetensors) into `folder`."""
         self.module.save_pretrained(str(folder), safe_serialization=True)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "VideoVAE":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VideoVAE:
         self.module.to(device=device, dtype=dtype)
         return self
 

@@ -67,3 +67,38 @@ def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected pixels [1, 3, T, H, W], got {tuple(pixels.shape)}")
     frames = ((pixels[0].float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)  # [3, T, H, W]
     return frames.permute(1, 2, 3, 0).contiguous().cpu()  # [T, H, W, 3]
+
+
+class StreamingFastDecoder:
+    """`StreamingDecoder`'s contract over a distilled `FastCausalDecoder` (same frame counts,
+    chunk by chunk == whole); its state is one feature map per memory block."""
+
+    def __init__(self, model, vae_z_dim: int | None = None) -> None:
+        from shared.models.fast_decoder import first_group_frame
+
+        self.model = model
+        self.z_dim = vae_z_dim or model.config.z_dim
+        self._keep_first = first_group_frame(model.config.temporal_factor)
+        self.reset()
+
+    def reset(self) -> None:
+        self._state: list[torch.Tensor] | None = None
+        self.latent_frames_decoded = 0
+        self.frames_decoded = 0
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents [1, z, f, h, w] -> pixels [1, 3, T, 8h, 8w]; T as `StreamingDecoder`."""
+        if latents.ndim != 5 or latents.shape[1] != self.z_dim or latents.shape[2] < 1:
+            raise ValueError(f"expected latents [B, {self.z_dim}, f>=1, h, w], got {tuple(latents.shape)}")
+        param = next(self.model.parameters())
+        pixels, self._state = self.model(latents.to(device=param.device, dtype=param.dtype), self._state)
+        if self.latent_frames_decoded == 0:  # the stream's first latent frame is one frame
+            tf = self.model.config.temporal_factor
+            pixels = torch.cat([pixels[:, :, self._keep_first : self._keep_first + 1], pixels[:, :, tf:]], dim=2)
+        self.latent_frames_decoded += latents.shape[2]
+        self.frames_decoded += pixels.shape[2]
+        return pixels
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._state or ())

@@ -1,15 +1,16 @@
-"""Per-session KV cache: cond | sink | window segments (paper Eq. 7).
+"""Per-session KV cache storage: cond | sink | window segments (paper Eq. 7).
 
-Three layers, in the vLLM spirit:
+Storage only: the attention hooks that read and write it, and the RoPE position policy, live in
+`shared.runtime.attention_hooks`. Three layers, in the vLLM spirit:
 
 * `KVCacheSpec`: frozen geometry; knows its size in bytes. No tensors.
-* `FrameSlots`: host-side bookkeeping in plain integers: which slot holds which latent frame,
-  FIFO eviction, and the RoPE frame positions of every slot. No tensors and no device syncs,
-  so it is unit-tested on exact slot ids.
+* `FrameSlots`: host-side bookkeeping in plain integers: which slot holds which latent frame
+  and FIFO eviction. No tensors and no device syncs, so it is unit-tested on exact slot ids.
 * `SessionKVCache`: the tensors, one K and one V buffer for all layers:
-  [layers, B, cond_tokens + M * tokens_per_frame, H, D]. Keys are stored un-rotated and rotated
-  at attention time from the positions `FrameSlots` reports. That is the cache-relative policy:
-  positions stay bounded however long the stream runs.
+  [layers, B, cond_tokens + (M + chunk) * tokens_per_frame, H, D]: the last chunk rows are a
+  scratch where a chunk's K/V land next to the valid prefix during its forwards. On the hot path
+  keys are stored rotated (window keys once, when written; cond and sink keys re-rotated from an
+  un-rotated copy when their relative position moves); see `SessionKVCache.align`.
 
 Slot layout of the video region: slots [0, S) hold the sink, the first S latent frames written
 after open or after a withdraw. Slots [S, M) form a ring for the window. Slots fill in order,
@@ -22,15 +23,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from shared.models.attention import attention
 from shared.models.presets import Preset
-from shared.models.rope import RopeTable, apply_rope
-
-RopePolicy = Literal["relative", "absolute"]
+from shared.models.rope import apply_rope
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class KVCacheSpec:
     @classmethod
     def from_preset(
         cls, preset: Preset, dtype: torch.dtype = torch.bfloat16, height: int | None = None, width: int | None = None
-    ) -> "KVCacheSpec":
+    ) -> KVCacheSpec:
         st = preset.streaming
         return cls(
             num_layers=preset.dit.num_layers,
@@ -71,9 +68,20 @@ class KVCacheSpec:
         return self.cond_frames * self.tokens_per_frame
 
     @property
+    def scratch_frames(self) -> int:
+        """Rows after the M slots where a chunk's K/V land during its forwards, so attention reads
+        one contiguous slice [0, valid + chunk) even when all M slots are valid."""
+        return self.chunk_frames
+
+    @property
     def tokens(self) -> int:
-        """Token rows per layer: cond + M frames."""
-        return self.cond_tokens + self.max_frames * self.tokens_per_frame
+        """Token rows per layer of the K and V buffers: cond + M frames + the chunk scratch."""
+        return self.cond_tokens + (self.max_frames + self.scratch_frames) * self.tokens_per_frame
+
+    @property
+    def base_tokens(self) -> int:
+        """Rows of the un-rotated key copy of cond + sink (re-rotated when their position moves)."""
+        return (self.cond_frames + self.sink_frames) * self.tokens_per_frame
 
     @property
     def bytes_per_token(self) -> int:
@@ -87,8 +95,8 @@ class KVCacheSpec:
 
     @property
     def bytes(self) -> int:
-        """Bytes one session's cache allocates (batch 1)."""
-        return self.tokens * self.bytes_per_token
+        """Bytes one session's cache allocates (batch 1): K and V buffers + the un-rotated cond/sink keys."""
+        return self.tokens * self.bytes_per_token + self.base_tokens * (self.bytes_per_token // 2)
 
     @property
     def max_frame_position(self) -> int:
@@ -174,26 +182,6 @@ class FrameSlots:
             ids[slot] = fid
         return ids
 
-    def positions(self, policy: RopePolicy, cond_frames: int, n_query: int) -> tuple[list[int], list[int]]:
-        """Temporal RoPE positions: (one per valid slot in slot order, one per query frame).
-
-        relative: cond 0..C-1, then sink, window (oldest first) and the query chunk in order, so
-        positions never exceed C + M + chunk - 1. absolute: C + frame id since open.
-        """
-        if policy == "absolute":
-            keys = [cond_frames + fid for fid in self.slot_frame_ids()]
-            queries = [cond_frames + self.next_frame_id + j for j in range(n_query)]
-            return keys, queries
-        if policy != "relative":
-            raise ValueError(f"unknown rope policy {policy!r}")
-        keys = [0] * self.num_valid
-        for rank, slot in enumerate(range(len(self.sink))):
-            keys[slot] = cond_frames + rank
-        for rank, (slot, _fid) in enumerate(self.window):
-            keys[slot] = cond_frames + len(self.sink) + rank
-        base = cond_frames + self.num_valid
-        return keys, [base + j for j in range(n_query)]
-
 
 def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
     """Group slots into contiguous runs: (first slot, offset into the write, length)."""
@@ -207,18 +195,104 @@ def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 class SessionKVCache:
-    """K/V tensors of one session plus its slot bookkeeping."""
+    """K/V tensors of one session plus its slot bookkeeping.
 
-    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu", batch: int = 1):
+    `rotated=True` (the hot path): keys are stored RoPE-rotated, each frame row at the position
+    `rot_pos[row]` records (host ints; rows are cond frames 0..C-1, then C + slot). Window keys
+    are rotated once when written; the un-rotated keys of cond and sink frames are kept in
+    `k_base` so they can be re-rotated when their position relative to the window moves.
+    `rotated=False`: keys stored un-rotated, rotated at attention time by the reference hook.
+    """
+
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu", batch: int = 1, rotated: bool = True):
         self.spec = spec
         shape = (spec.num_layers, batch, spec.tokens, spec.num_heads, spec.head_dim)
         self.k = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.k_base = torch.zeros(
+            (spec.num_layers, batch, spec.base_tokens, spec.num_heads, spec.head_dim), dtype=spec.dtype, device=device
+        )
         self.slots = FrameSlots(spec.sink_frames, spec.max_frames)
+        self.rotated = rotated
+        self.rot_pos: list[int | None] = [None] * (spec.cond_frames + spec.max_frames + spec.scratch_frames)
+        self.delta = 0  # the common offset added to every policy position (see `align`)
+        self.max_delta = 4 * spec.max_frames  # stored rotations stay <= max_frame_position + this
 
     @property
     def bytes_allocated(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return (self.k.numel() * 2 + self.k_base.numel()) * self.k.element_size()
+
+    # ---- rotated storage (the hot path) --------------------------------------------------
+    def _rows(self, first_row: int, frames: int) -> slice:
+        n = self.spec.tokens_per_frame
+        return slice(first_row * n, (first_row + frames) * n)
+
+    def align(self, rope, positions: Sequence[int]) -> int:
+        """Make the stored keys of cond + valid slots match `positions` (one per frame row, the
+        policy's) up to one common offset `delta`, and return it: queries are then rotated at
+        position + delta. RoPE scores depend only on position differences, so attention equals
+        rotating everything at `positions`. `delta` is chosen so window rows (rotated once when
+        written) need no work; cond and sink rows whose target moved are re-rotated from `k_base`
+        (a few frames per chunk, all layers in one op). Host-side integers decide; no syncs."""
+        c, s = self.spec.cond_frames, self.spec.sink_frames
+        counts: dict[int, int] = {}
+        for row in range(c + s, len(positions)):
+            stored = self.rot_pos[row]
+            if stored is not None:
+                d = stored - positions[row]
+                counts[d] = counts.get(d, 0) + 1
+        delta = max(counts, key=lambda d: (counts[d], -abs(d))) if counts else self.delta
+        if abs(delta) > self.max_delta:
+            # Re-base so rotation angles stay bounded however long the stream runs: the window
+            # rows are shifted in place once (a key lives W / chunk chunks in the window, less
+            # than a re-base period, so it takes at most one extra rounding in its lifetime).
+            delta = 0
+        self.delta = delta
+        stale = [row for row in range(len(positions)) if self.rot_pos[row] != positions[row] + delta]
+        runs = [run for region in (range(c + s), range(c + s, len(positions)))
+                for run in slot_runs([r for r in stale if r in region])]  # fmt: skip
+        for first, _, length in runs:
+            rows = self._rows(first, length)
+            targets = [positions[r] + delta for r in range(first, first + length)]
+            if first + length <= c + s:  # from the un-rotated copy
+                cos, sin = rope.cos_sin(targets)
+                src = self.k_base[:, :, rows]
+            else:  # a window row the policy moved on its own: shift it in place (one more rounding)
+                was = [self.rot_pos[r] for r in range(first, first + length)]
+                if any(p is None for p in was):
+                    raise RuntimeError("window keys written without a rotation (use the hooks' write path)")
+                cos, sin = rope.shift_cos_sin([t - int(p or 0) for p, t in zip(was, targets, strict=True)])
+                src = self.k[:, :, rows]
+            self.k[:, :, rows].copy_(_rotate_all_layers(src, cos, sin))
+            self.rot_pos[first : first + length] = targets
+        return delta
+
+    def store_rotated(
+        self,
+        layer: int,
+        slots: Sequence[int],
+        k_rot: torch.Tensor,
+        v: torch.Tensor,
+        k_raw: torch.Tensor,
+        positions: Sequence[int],
+        from_row: int | None = None,
+    ) -> None:
+        """Commit len(slots) frames: rotated keys (at `positions`) and values into their slots, and
+        the un-rotated keys of sink slots into `k_base`. `from_row`: the frames already sit in the
+        main buffer at token row `from_row` (the scratch), so only frames elsewhere are copied."""
+        n, c = self.spec.tokens_per_frame, self.spec.cond_frames
+        base = self.spec.cond_tokens
+        for slot, offset, length in slot_runs(slots):
+            src = slice(offset * n, (offset + length) * n)
+            dst = slice(base + slot * n, base + (slot + length) * n)
+            if from_row is None or dst.start != from_row + src.start:
+                self.k[layer, :, dst].copy_(k_rot[:, src])
+                self.v[layer, :, dst].copy_(v[:, src])
+            for j in range(length):
+                if slot + j < self.spec.sink_frames:
+                    rows = self._rows(c + slot + j, 1)
+                    self.k_base[layer, :, rows].copy_(k_raw[:, (offset + j) * n : (offset + j + 1) * n])
+            self.rot_pos[c + slot : c + slot + length] = list(positions[offset : offset + length])
 
     def valid_tokens(self) -> int:
         return self.spec.cond_tokens + self.slots.num_valid * self.spec.tokens_per_frame
@@ -237,6 +311,10 @@ class SessionKVCache:
         start = first_frame * self.spec.tokens_per_frame
         self.k[layer, :, start : start + k.shape[1]].copy_(k)
         self.v[layer, :, start : start + v.shape[1]].copy_(v)
+        if self.rotated:  # un-rotated copy; `align` rotates these rows before the next chunk
+            self.k_base[layer, :, start : start + k.shape[1]].copy_(k)
+            frames = k.shape[1] // self.spec.tokens_per_frame
+            self.rot_pos[first_frame : first_frame + frames] = [None] * frames
 
     def write_frames(self, layer: int, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> None:
         """Write K/V of len(slots) frames ([B, len(slots) * N, H, D]) into their slots."""
@@ -253,52 +331,6 @@ class SessionKVCache:
         self.slots.reset()
 
 
-class CondAttention:
-    """Self-attention hook for the cond forward: cond tokens attend only to cond tokens.
-
-    Writes the K/V of the frames from `write_from` on (0 = reference and garment, 1 = garment
-    only) into the cond segment.
-    """
-
-    def __init__(self, cache: SessionKVCache, rope: RopeTable, write_from: int = 0):
-        self.cache = cache
-        self.cos, self.sin = rope.cos_sin(list(range(cache.spec.cond_frames)))
-        self.write_from = write_from
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        skip = self.write_from * self.cache.spec.tokens_per_frame
-        self.cache.write_cond(layer, k[:, skip:], v[:, skip:], first_frame=self.write_from)
-        return attention(apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin), v)
-
-
-class ChunkAttention:
-    """Self-attention hook for a chunk: its queries see cond + sink + window + the chunk itself.
-
-    Positions are fixed when the hook is built (once per chunk, reused by every denoising step).
-    With `write=plan`, the chunk's un-rotated K/V go into the plan's slots after attention: the
-    clean "context pass".
-    """
-
-    def __init__(
-        self, cache: SessionKVCache, rope: RopeTable, policy: RopePolicy, n_frames: int, write: AppendPlan | None = None
-    ):
-        spec = cache.spec
-        self.cache = cache
-        slot_pos, query_pos = cache.slots.positions(policy, spec.cond_frames, n_frames)
-        self.key_positions = list(range(spec.cond_frames)) + slot_pos + query_pos
-        self.query_positions = query_pos
-        self.k_cos, self.k_sin = rope.cos_sin(self.key_positions)
-        self.q_cos, self.q_sin = rope.cos_sin(query_pos)
-        # The prefix the positions describe. Frozen here so that a recomputed forward (activation
-        # checkpointing in training rollouts) reads the same keys after later chunks were appended.
-        self.prefix_tokens = cache.valid_tokens()
-        self.write = write
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        ck, cv = self.cache.prefix(layer, self.prefix_tokens)  # [B, Lc, H, D]
-        keys = apply_rope(torch.cat([ck, k.to(ck.dtype)], dim=1), self.k_cos, self.k_sin)
-        values = torch.cat([cv, v.to(cv.dtype)], dim=1)
-        out = attention(apply_rope(q, self.q_cos, self.q_sin), keys.to(q.dtype), values.to(q.dtype))
-        if self.write is not None:
-            self.cache.write_frames(layer, self.write.slots, k, v)
-        return out
+def _rotate_all_layers(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope over [layers, B, L, H, D] at once (layers folded into the batch)."""
+    return apply_rope(x.flatten(0, 1), cos, sin).view_as(x)

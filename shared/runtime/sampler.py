@@ -66,4 +66,8 @@ def chunk_noises(
     session rebuilt at chunk k on another replica draws what the original would have drawn.
     """
     gen = torch.Generator(device="cpu").manual_seed(chunk_seed(seed, chunk_index))
-    return [torch.randn(tuple(shape), generator=gen).to(device=device, dtype=dtype) for _ in range(steps)]
+    device = torch.device(device)
+    draws = torch.stack([torch.randn(tuple(shape), generator=gen) for _ in range(steps)])
+    if device.type == "cuda":  # one pinned, asynchronous copy: no pageable copy or stall in a chunk
+        return list(draws.to(dtype).pin_memory().to(device, non_blocking=True).unbind(0))
+    return list(draws.to(device=device, dtype=dtype).unbind(0))

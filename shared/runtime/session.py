@@ -1,8 +1,10 @@
 """A streaming session in latent space: open, next chunk, switch garment, set prompt, close.
 
-The session owns one `SessionKVCache` and works on latents only. Image encoding and streaming
-decode live one level up (`shared.runtime.pipeline`). That keeps this class the same for the
-CLI, the services and the trainer's Self-Forcing rollouts.
+The session owns one `SessionKVCache` and works on latents only. Image encoding, streaming
+decode and the rules around a switch (what it does before the first chunk) live one level up in
+the orchestrator, `shared.runtime.pipeline.VideoSession`, which the CLI, the services and the
+trainer's Self-Forcing rollouts all drive. The attention hooks are in `attention_hooks`; the
+attention kernel is the session's own (`attention_backend`), never process-global state.
 
 Garment switch (paper 4.3), applied at the next chunk boundary, each step switchable:
   1. refresh:     run the cond forward on [reference, new garment], replace the garment's KV.
@@ -10,6 +12,10 @@ Garment switch (paper 4.3), applied at the next chunk boundary, each step switch
   3. disentangle: the new reference is the decode-encode of the last decoded pixel frame
                   (given by the caller as a one-frame latent); cond KV is recomputed over
                   [new reference, new garment].
+
+Prompt change (`set_prompt`, `PromptOptions`): the new text replaces the cross-attention context;
+the cond KV is recomputed under it (default), and optionally the sink + window KV too, from the
+clean latents the session keeps per cache slot (LongLive's re-cache).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from shared.models.dit import InContextWanDiT
+from shared.models.dit import InContextWanDiT, TextKV
 from shared.models.presets import Preset
 from shared.models.rope import RopeTable
 
-from .kv_cache import ChunkAttention, CondAttention, KVCacheSpec, SessionKVCache
+from .attention_hooks import ChunkAttention, CondAttention, ReferenceChunkAttention
+from .kv_cache import AppendPlan, KVCacheSpec, SessionKVCache
 from .sampler import FewStepSampler, chunk_noises
 
 
@@ -38,6 +45,21 @@ class SwitchOptions:
     refresh: bool = True
     withdraw: bool = True
     disentangle: bool = True
+
+
+@dataclass(frozen=True)
+class PromptOptions:
+    """What a prompt change recomputes besides the cross-attention text, each step switchable.
+
+    recache_cond:   run the cond forward under the new text (the reference/garment KV were
+                    computed under the old prompt's cross-attention).
+    recache_window: recompute the clean KV of the cached sink + window frames under the new
+                    text, from the clean latents the session keeps (LongLive's re-cache): the same
+                    cache as opening with the new prompt and appending those latents in order.
+    """
+
+    recache_cond: bool = True
+    recache_window: bool = False
 
 
 @dataclass
@@ -66,7 +88,7 @@ class SessionState:
         return st_save(tensors, metadata={"fashionchameleon.session": json.dumps(meta)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SessionState":
+    def from_bytes(cls, data: bytes) -> SessionState:
         tensors = st_load(data)
         meta = json.loads(_safetensors_metadata(data)["fashionchameleon.session"])
         return cls(
@@ -95,9 +117,18 @@ class StreamingSession:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         rope: RopeTable | None = None,
+        attention_backend: str | None = None,
+        reference_attention: bool = False,
     ):
+        """`attention_backend` names the attention kernel of every forward of this session
+        (None: the ambient default of the calling thread, see `shared.models.attention`).
+        `reference_attention=True` runs the reference attention path (un-rotated cache, whole-prefix
+        concatenation and re-rotation per layer and forward) instead of the hot path."""
         st = preset.streaming
         self.dit = dit
+        self.reference_attention = reference_attention
+        self._text_kv: TextKV | None = None  # the prompt's cross-attention K/V (`InContextWanDiT.text_kv`)
+        self.attention_backend = attention_backend
         self.preset = preset
         self.device = torch.device(device)
         self.dtype = dtype
@@ -107,6 +138,9 @@ class StreamingSession:
         lh, lw = preset.latent_hw()
         self.chunk_shape = (1, preset.dit.in_channels, st.chunk_frames, lh, lw)
         self.cache: SessionKVCache | None = None
+        # Clean latents of the cached frames, by cache slot [1, C, M, h, w] (what a prompt change
+        # re-caches the window from; a few latent frames, small next to the KV).
+        self.slot_latents: torch.Tensor | None = None
         self.reference: torch.Tensor | None = None  # [1, C, 1, h, w]
         self.garment: torch.Tensor | None = None
         self.text_raw: torch.Tensor | None = None  # [1, Lt, text_dim]
@@ -142,7 +176,10 @@ class StreamingSession:
         prompt: str = "",
     ) -> None:
         """Start a stream: reference/garment [1, C, 1, h, w] latents, text [1, Lt, text_dim]."""
-        self.cache = SessionKVCache(self.spec, self.device)
+        self.cache = SessionKVCache(self.spec, self.device, rotated=not self.reference_attention)
+        self.slot_latents = torch.zeros(
+            (*self.chunk_shape[:2], self.spec.max_frames, *self.chunk_shape[3:]), device=self.device, dtype=self.dtype
+        )
         self.reference = self._latent(reference, "reference")
         self.garment = self._latent(garment, "garment")
         self.seed = int(seed)
@@ -154,22 +191,42 @@ class StreamingSession:
     def close(self) -> None:
         """Free the cache (idempotent)."""
         self.cache = None
+        self.slot_latents = None
 
     # ---- forwards ----------------------------------------------------------------------
     def _set_text(self, text: torch.Tensor, prompt: str) -> None:
         self.text_raw = text.to(self.device)
         self.text = self.dit.embed_text(self.text_raw).to(self.dtype)
+        self._text_kv = None  # a new prompt: its cross-attention K/V are computed on first use
         self.prompt = prompt
+
+    def _context(self):
+        """What the DiT's cross-attention reads: the prompt's K/V, computed once per prompt, for
+        inference (eval mode, no grad); the projected text otherwise (training: weights move)."""
+        if torch.is_grad_enabled() or self.dit.training or self.reference_attention:
+            return self.text
+        assert self.text is not None, "no prompt set (open the session first)"
+        if self._text_kv is None or self._text_kv.text is not self.text:
+            self._text_kv = self.dit.text_kv(self.text)
+        return self._text_kv
 
     def _forward(self, latents: torch.Tensor, t: float, hook) -> torch.Tensor:
         timesteps = torch.full((1, latents.shape[2]), float(t), device=self.device)
-        return self.dit(latents, timesteps, self.text, hook)
+        return self.dit(latents, timesteps, self._context(), hook)
 
     def _cond_forward(self, write_from: int) -> None:
         """One forward over [reference, garment] at t=0; cond tokens see only cond tokens."""
         cache = self._require_open()
+        assert self.reference is not None and self.garment is not None
         cond = torch.cat([self.reference, self.garment], dim=2)  # [1, C, 2, h, w]
-        self._forward(cond, 0.0, CondAttention(cache, self.rope, write_from=write_from))
+        self._forward(cond, 0.0, CondAttention(cache, self.rope, write_from, self.attention_backend))
+
+    def _chunk_hook(
+        self, cache: SessionKVCache, n: int, write: AppendPlan | None = None
+    ) -> ChunkAttention | ReferenceChunkAttention:
+        policy = self.preset.streaming.rope_policy
+        hook = ReferenceChunkAttention if self.reference_attention else ChunkAttention
+        return hook(cache, self.rope, policy, n, write=write, backend=self.attention_backend)
 
     @torch.no_grad()
     def next_chunk(self) -> torch.Tensor:
@@ -180,41 +237,53 @@ class StreamingSession:
         noises = chunk_noises(
             self.seed, self.chunk_index, self.chunk_shape, self.sampler.num_steps, self.device, self.dtype
         )
-        denoise_hook = ChunkAttention(cache, self.rope, st.rope_policy, n)
+        denoise_hook = self._chunk_hook(cache, n)
         if st.context_pass:
             x0 = self.sampler.sample(lambda x, t, step: self._forward(x, t, denoise_hook), noises)
             self.append_clean(x0)  # the clean context pass writes the chunk's KV
             return x0
         # Experiment without the context pass: the last denoising step's (noisy) KV is kept.
         plan = cache.slots.plan_append(n)
-        write_hook = ChunkAttention(cache, self.rope, st.rope_policy, n, write=plan)
+        write_hook = self._chunk_hook(cache, n, write=plan)
         last = self.sampler.num_steps - 1
         x0 = self.sampler.sample(
             lambda x, t, step: self._forward(x, t, write_hook if step == last else denoise_hook), noises
         )
+        self._keep_latents(plan, x0)
         cache.slots.commit(plan)
         self.chunk_index += 1
         return x0
+
+    def _keep_latents(self, plan: AppendPlan, x0: torch.Tensor) -> None:
+        """Keep the clean latents of frames entering the cache, in their slots."""
+        if self.slot_latents is not None:
+            self.slot_latents[:, :, list(plan.slots)] = x0.to(self.slot_latents.dtype)
 
     # ---- training hooks (teacher forcing checks, Self-Forcing rollouts) -----------------
     def predict_flow(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Flow of a noisy next chunk x [1, C, n, h, w] at model timestep t against the cache
         (cond + sink + window + the chunk itself). Writes nothing; keeps autograd when enabled."""
         cache = self._require_open()
-        hook = ChunkAttention(cache, self.rope, self.preset.streaming.rope_policy, x.shape[2])
+        hook = self._chunk_hook(cache, x.shape[2])
         return self._forward(x.to(device=self.device, dtype=self.dtype), t, hook)
 
     @torch.no_grad()
     def append_clean(self, x0: torch.Tensor) -> None:
         """The context pass on given clean latents x0 [1, C, n, h, w]: write their K/V as the
         next n latent frames and advance the chunk index (teacher-forced history, prefill)."""
+        self._context_pass(x0)
+        self.chunk_index += 1
+
+    def _context_pass(self, x0: torch.Tensor) -> None:
+        """One forward on clean x0 at t=0 writing its K/V as the next frames (chunk index kept)."""
         cache = self._require_open()
         n = x0.shape[2]
         plan = cache.slots.plan_append(n)
-        hook = ChunkAttention(cache, self.rope, self.preset.streaming.rope_policy, n, write=plan)
-        self._forward(x0.to(device=self.device, dtype=self.dtype), 0.0, hook)
+        hook = self._chunk_hook(cache, n, write=plan)
+        x0 = x0.to(device=self.device, dtype=self.dtype)
+        self._forward(x0, 0.0, hook)
+        self._keep_latents(plan, x0)
         cache.slots.commit(plan)
-        self.chunk_index += 1
 
     def rollout_chunk(self, exit_step: int) -> torch.Tensor:
         """Self-Forcing rollout of the next chunk (training): `next_chunk`'s noise and hooks, but
@@ -231,7 +300,7 @@ class StreamingSession:
         noises = chunk_noises(
             self.seed, self.chunk_index, self.chunk_shape, self.sampler.num_steps, self.device, self.dtype
         )
-        hook = ChunkAttention(cache, self.rope, st.rope_policy, n)
+        hook = self._chunk_hook(cache, n)
         grad = torch.is_grad_enabled()
 
         def flow(x: torch.Tensor, t: float, step: int) -> torch.Tensor:
@@ -256,19 +325,52 @@ class StreamingSession:
         if options.refresh:
             self.garment = self._latent(garment, "garment")
         if options.disentangle:
+            assert new_reference is not None  # checked above
             self.reference = self._latent(new_reference, "reference")
             self._cond_forward(write_from=0)
         elif options.refresh:
             self._cond_forward(write_from=1)
 
     @torch.no_grad()
-    def set_prompt(self, text: torch.Tensor, prompt: str = "") -> None:
-        """Replace the text cross-attention context from the next chunk on (cache untouched)."""
-        self._require_open()
+    def set_prompt(self, text: torch.Tensor, prompt: str = "", options: PromptOptions = PromptOptions()) -> None:
+        """Replace the text cross-attention context from the next chunk on, and re-cache what
+        `options` asks: the cond KV (default) and the sink + window KV (see `PromptOptions`)."""
+        cache = self._require_open()
         self._set_text(text, prompt)
+        if options.recache_cond:
+            self._cond_forward(write_from=0)
+        if options.recache_window:
+            self._recache_window(cache)
+
+    def _recache_window(self, cache: SessionKVCache) -> None:
+        """Recompute the cached frames' clean KV under the current text: replay the context pass
+        over the kept latents, the sink first, then the window oldest first in the chunks they
+        were generated in, each attending to cond + what was replayed before it (= a fresh open
+        with this text appending the same latents). Frame ids and the chunk index are kept."""
+        slots = cache.slots
+        if slots.num_valid == 0:
+            return
+        ordered = [(slot, fid) for slot, fid in enumerate(slots.sink)] + list(slots.window)
+        groups: list[list[tuple[int, int]]] = []
+        chunk = self.preset.streaming.chunk_frames
+        for slot, fid in ordered:  # consecutive frames of one generated chunk form one pass
+            last = groups[-1][-1][1] if groups else None
+            if last is not None and fid == last + 1 and fid // chunk == last // chunk:
+                groups[-1].append((slot, fid))
+            else:
+                groups.append([(slot, fid)])
+        assert self.slot_latents is not None  # kept from open on
+        latents = self.slot_latents.clone()
+        next_frame_id = slots.next_frame_id
+        slots.reset()
+        for group in groups:
+            slots.next_frame_id = group[0][1]
+            self._context_pass(latents[:, :, [slot for slot, _ in group]])
+        slots.next_frame_id = next_frame_id
 
     def state(self, last_frame: torch.Tensor | None = None) -> SessionState:
         self._require_open()
+        assert self.reference is not None and self.garment is not None and self.text_raw is not None
         return SessionState(
             reference=self.reference.cpu(),
             garment=self.garment.cpu(),

@@ -34,7 +34,8 @@ from shared.storage.catalog import (
     upload_key,
     validate_slug,
 )
-from shared.storage.config import LocalStoreConfig, S3StoreConfig, StorageConfig, open_store
+from shared.storage.config import LocalStoreConfig, S3StoreConfig, StorageConfig
+from shared.storage.factory import open_store
 from shared.storage.local import LocalObjectStore
 
 if TYPE_CHECKING:

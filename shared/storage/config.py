@@ -1,4 +1,4 @@
-"""Typed configuration of the object store, and the factory that opens one.
+"""Typed configuration of the object store (the factory that opens one: `shared.storage.factory`).
 
 Built once at the edge (service settings, CLI, tests) and passed to constructors; nothing in
 this package reads environment variables. Credentials are `SecretStr` so they never show in
@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from shared.storage.base import MAX_PRESIGN_EXPIRY_S, validate_prefix
-
-if TYPE_CHECKING:
-    from shared.storage.base import ObjectStore
 
 # host:port or host, no scheme and no path: the form the minio SDK takes.
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
@@ -156,25 +153,8 @@ class StorageConfig(BaseModel):
         prefix = unquote(parts.path).lstrip("/")
         if prefix and not prefix.endswith("/"):
             prefix += "/"
-        s3 = S3StoreConfig(
-            bucket=parts.netloc,
-            prefix=prefix,
-            access_key=access_key,
-            secret_key=secret_key,
-            **params,  # pydantic parses "false"/"3600" into bool/int
+        # pydantic parses "false"/"3600" into bool/int, and plain strings into SecretStr
+        s3 = S3StoreConfig.model_validate(
+            {"bucket": parts.netloc, "prefix": prefix, "access_key": access_key, "secret_key": secret_key, **params}
         )
         return cls(backend="s3", s3=s3)
-
-
-def open_store(config: StorageConfig) -> ObjectStore:
-    """The store `config` describes (the minio SDK is imported only for the s3 backend)."""
-    if config.backend == "local":
-        from shared.storage.local import LocalObjectStore
-
-        return LocalObjectStore(config.local)
-    if config.backend == "s3":
-        from shared.storage.s3 import S3ObjectStore
-
-        assert config.s3 is not None  # guaranteed by StorageConfig._check_backend
-        return S3ObjectStore(config.s3)
-    raise AssertionError(f"unhandled backend {config.backend!r}")

@@ -1,15 +1,20 @@
 """Local-filesystem object store: the embedded default, with the S3 store's behaviour.
 
-On-disk layout under `root`, for key "a/b c/x.png":
+On-disk layout under `root` mirrors the keys, e.g. for key "clips/dev/ses_x.mp4":
 
-    a@/b%20c@/x.png               the object's bytes (what presigned file:// URLs point at)
-    a@/b%20c@/x.png#meta.json     sidecar: content type, metadata, etag, identity of the data
+    clips/dev/ses_x.mp4               the object's bytes (what presigned file:// URLs point at)
+    clips/dev/ses_x.mp4#meta.json     sidecar: content type, metadata, etag, identity of the data
 
-Each key segment is percent-encoded (`quote(seg, safe="")`), so a segment can never be "/",
-"." or "..", and directory names carry an "@" suffix that an encoded segment never ends with.
-That keeps S3 semantics where a plain mapping would break: keys "a" and "a/b" coexist (file
-"a" and directory "a@"), and names with "#" (sidecars, temp files) never collide with
-objects. Together with `validate_key` this confines every path to `root`.
+Each key segment is percent-encoded (`quote(seg, safe="")`: "b c" is stored as "b%20c"), so an
+encoded segment is never "/" (and `validate_key` rules out "." and ".."), never contains "#"
+(sidecars and temp files, which never collide with objects) and never ends with "@". S3 lets
+keys "a" and "a/b" coexist where a filesystem cannot hold a file and a folder both named "a":
+then the object's file is "a@" beside the folder "a" (an object is written there when the
+folder exists, and moved there when a key below it needs the folder). Readers look at "a",
+then "a@". Together with `validate_key` this confines every path to `root`.
+
+Folders from the earlier layout (each folder name suffixed with "@", e.g. "clips@/dev@/...")
+are not read: nothing is migrated, the objects stored that way are simply not seen.
 
 Writes go to a temp file in the target directory, are fsynced and renamed into place
 (`os.replace`), so readers see the old object or the new one, never a torn one. The sidecar is
@@ -22,13 +27,15 @@ prefixes without objects.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
-import errno
 import os
+import stat as stat_module
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote, unquote
@@ -49,10 +56,11 @@ from shared.storage.base import (
 )
 from shared.storage.config import LocalStoreConfig
 
-_DIR_SUFFIX = "@"  # quote(..., safe="") always escapes "@" and "#"
+_ALT_SUFFIX = "@"  # an object's file beside a folder of the same name; quote(..., safe="")
+# always escapes "@" and "#"
 _SIDECAR_SUFFIX = "#meta.json"
 _TMP_PREFIX = "#tmp-"
-_MAX_NAME_BYTES = 255 - len(_SIDECAR_SUFFIX)  # common filesystem limit on one name
+_MAX_NAME_BYTES = 255 - len(_SIDECAR_SUFFIX) - len(_ALT_SUFFIX)  # common filesystem limit on one name
 _COPY_CHUNK = 1 << 20  # 1 MiB
 
 
@@ -111,10 +119,13 @@ class LocalObjectStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._data_path(key)
-        # Sidecar first: a put racing with this delete can then at worst orphan a sidecar
-        # (ignored by readers), never expose its data with the wrong metadata.
-        _sidecar_path(path).unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
+        for candidate in (path, _alt_path(path)):
+            # Sidecar first: a put racing with this delete can then at worst orphan a sidecar
+            # (ignored by readers), never expose its data with the wrong metadata.
+            _sidecar_path(candidate).unlink(missing_ok=True)
+            with contextlib.suppress(IsADirectoryError, PermissionError):  # a folder: not this object
+                if not candidate.is_dir():
+                    candidate.unlink(missing_ok=True)
         self._prune_empty_dirs(path.parent)
 
     # -- reads -------------------------------------------------------------------------------
@@ -134,46 +145,78 @@ class LocalObjectStore(ObjectStore):
 
     def stat(self, key: str) -> ObjectInfo:
         path = self._data_path(key)
-        try:
-            st = path.stat()
-        except (FileNotFoundError, NotADirectoryError):
-            raise ObjectNotFound(key) from None
-        return self._info(key, path, st)
+        for candidate in (path, _alt_path(path)):
+            try:
+                st = candidate.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat_module.S_ISREG(st.st_mode):
+                return self._info(key, candidate, st)
+        raise ObjectNotFound(key)
 
     def exists(self, key: str) -> bool:
-        return self._data_path(key).is_file()
+        path = self._data_path(key)
+        return path.is_file() or _alt_path(path).is_file()
 
     def list(self, prefix: str = "", recursive: bool = True) -> Iterator[ObjectInfo]:
         validate_prefix(prefix)  # here, not in the generator: bad prefixes fail at the call
         head, _, partial = prefix.rpartition("/")
-        directory = self._root.joinpath(*(_dir_name(s) for s in head.split("/"))) if head else self._root
+        directory = self._root.joinpath(*(_name(s) for s in head.split("/"))) if head else self._root
         return self._walk(directory, head + "/" if head else "", partial, recursive)
 
     def presigned_get_url(self, key: str, expires_s: int | None = None) -> str:
         if expires_s is not None:
             check_expiry(expires_s)
-        return self._data_path(key).as_uri()
+        path = self._data_path(key)
+        alt = _alt_path(path)
+        return (alt if not path.is_file() and alt.is_file() else path).as_uri()
 
     # -- internals ---------------------------------------------------------------------------
 
     def _data_path(self, key: str) -> Path:
         *dirs, name = validate_key(key).split("/")
-        file_name = _file_name(name)
-        if len(file_name.encode()) > _MAX_NAME_BYTES or any(
-            len(_dir_name(d).encode()) > 255 for d in dirs
-        ):
+        file_name = _name(name)
+        if len(file_name.encode()) > _MAX_NAME_BYTES or any(len(_name(d).encode()) > 255 for d in dirs):
             raise InvalidKey(f"a segment of {key!r} is too long for the local store once encoded")
-        path = self._root.joinpath(*(_dir_name(d) for d in dirs), file_name)
+        path = self._root.joinpath(*(_name(d) for d in dirs), file_name)
         # Defence in depth: validate_key and the encoding already rule this out.
         if os.path.commonpath([self._root, path]) != str(self._root):
             raise InvalidKey(f"key {key!r} escapes the store root")
         return path
 
     def _open(self, key: str) -> BinaryIO:
-        try:
-            return open(self._data_path(key), "rb")  # noqa: SIM115 - callers close it
-        except (FileNotFoundError, NotADirectoryError):
-            raise ObjectNotFound(key) from None
+        path = self._data_path(key)
+        for candidate in (path, _alt_path(path)):
+            try:
+                return open(candidate, "rb")
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+        raise ObjectNotFound(key)
+
+    def _target(self, path: Path) -> Path:
+        """Where to write the object whose plain path is `path`: where it is now, else beside
+        a folder of the same name, else the plain path."""
+        alt = _alt_path(path)
+        return alt if alt.is_file() or path.is_dir() else path
+
+    def _make_dirs(self, directory: Path) -> None:
+        """mkdir -p `directory`; an object's file in the way moves aside to its "@" name."""
+        for _ in range(10):
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                return
+            except (FileExistsError, NotADirectoryError):
+                pass
+            # The nearest ancestor (or `directory` itself) that is a file: an object; move it.
+            blocker = directory
+            while blocker != self._root and not blocker.is_file():
+                blocker = blocker.parent
+            if blocker != self._root:
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(blocker, _alt_path(blocker))
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(_sidecar_path(blocker), _sidecar_path(_alt_path(blocker)))
+        raise OSError(f"could not create the folder {directory}")
 
     def _write(
         self,
@@ -188,10 +231,10 @@ class LocalObjectStore(ObjectStore):
 
         if_absent: publish with link(2), which fails if the key exists (atomic; returns None).
         """
-        path = self._data_path(key)
+        plain = self._data_path(key)
         content_type = resolve_content_type(key, content_type)
         metadata = normalize_metadata(metadata)
-        fd, tmp = self._mkstemp(path.parent)
+        fd, tmp = self._mkstemp(plain.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 etag = fill(f)
@@ -205,15 +248,30 @@ class LocalObjectStore(ObjectStore):
                 "etag": etag,
                 "data": _identity(st),
             }
+            path = self._target(plain)
             if if_absent:
+                if path is plain and _alt_path(plain).is_file():
+                    return None
                 try:
                     os.link(tmp, path)
                 except FileExistsError:
-                    return None
+                    if not path.is_dir():
+                        return None
+                    path = _alt_path(plain)  # a folder of the same name appeared meanwhile
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        return None
                 self._write_sidecar(path, sidecar)
             else:
                 self._write_sidecar(path, sidecar)
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except IsADirectoryError:  # a folder of the same name appeared meanwhile
+                    _sidecar_path(path).unlink(missing_ok=True)
+                    path = _alt_path(plain)
+                    self._write_sidecar(path, sidecar)
+                    os.replace(tmp, path)
             if self._config.fsync:
                 _fsync_dir(path.parent)
         finally:
@@ -223,7 +281,7 @@ class LocalObjectStore(ObjectStore):
     def _mkstemp(self, directory: Path) -> tuple[int, str]:
         # A concurrent delete may prune `directory` between mkdir and mkstemp: retry.
         for _ in range(10):
-            directory.mkdir(parents=True, exist_ok=True)
+            self._make_dirs(directory)
             try:
                 return tempfile.mkstemp(dir=directory, prefix=_TMP_PREFIX)
             except FileNotFoundError:
@@ -255,19 +313,21 @@ class LocalObjectStore(ObjectStore):
             if e.errno == errno.ENAMETOOLONG:  # a prefix no stored key can have
                 return
             raise
-        items: list[tuple[str, os.DirEntry[str], bool]] = []
+        found: dict[str, tuple[os.DirEntry[str], bool]] = {}
         for entry in entries:
             if "#" in entry.name:  # sidecars and temp files
                 continue
-            if entry.name.endswith(_DIR_SUFFIX) and entry.is_dir(follow_symlinks=False):
-                segment, is_dir = unquote(entry.name[: -len(_DIR_SUFFIX)]), True
+            alt = entry.name.endswith(_ALT_SUFFIX)
+            if entry.is_dir(follow_symlinks=False) and not alt:  # "x@" folders: the earlier layout
+                segment, is_dir = unquote(entry.name), True
             elif entry.is_file(follow_symlinks=False):
-                segment, is_dir = unquote(entry.name), False
+                segment, is_dir = unquote(entry.name[: -len(_ALT_SUFFIX)] if alt else entry.name), False
             else:
                 continue
-            if segment.startswith(partial):
-                items.append((segment + "/" if is_dir else segment, entry, is_dir))
-        items.sort(key=lambda item: item[0].encode())
+            rel = segment + "/" if is_dir else segment
+            if segment.startswith(partial) and not (alt and rel in found):  # both names: mid-move
+                found[rel] = (entry, is_dir)
+        items = sorted(((rel, entry, is_dir) for rel, (entry, is_dir) in found.items()), key=lambda i: i[0].encode())
         for rel, entry, is_dir in items:
             key = key_base + rel
             if is_dir and recursive:
@@ -290,12 +350,13 @@ class LocalObjectStore(ObjectStore):
             directory = directory.parent
 
 
-def _dir_name(segment: str) -> str:
-    return quote(segment, safe="") + _DIR_SUFFIX
-
-
-def _file_name(segment: str) -> str:
+def _name(segment: str) -> str:
     return quote(segment, safe="")
+
+
+def _alt_path(path: Path) -> Path:
+    """Where the object of plain path `path` lives when a folder holds that name."""
+    return path.with_name(path.name + _ALT_SUFFIX)
 
 
 def _sidecar_path(path: Path) -> Path:
@@ -318,7 +379,7 @@ def _read_sidecar(path: Path, st: os.stat_result) -> dict | None:
 
 
 def _mtime(st: os.stat_result) -> datetime:
-    return datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=timezone.utc)
+    return datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
 
 
 def _write_all(f: BinaryIO, data: Data) -> str:
@@ -348,5 +409,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-

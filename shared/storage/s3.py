@@ -108,7 +108,7 @@ class S3ObjectStore(ObjectStore):
                 content_type=content_type,
                 metadata=_meta_headers(metadata),
             )
-        return ObjectInfo(key, size, result.etag, content_type, metadata)
+        return ObjectInfo(key, size, _etag(result.etag), content_type, metadata)
 
     def put_file(
         self,
@@ -125,7 +125,7 @@ class S3ObjectStore(ObjectStore):
             result = self._client.fput_object(
                 self._bucket, name, os.fspath(path), content_type=content_type, metadata=_meta_headers(metadata)
             )
-        return ObjectInfo(key, size, result.etag, content_type, metadata)
+        return ObjectInfo(key, size, _etag(result.etag), content_type, metadata)
 
     def put_bytes_if_absent(
         self,
@@ -144,9 +144,7 @@ class S3ObjectStore(ObjectStore):
             return True
         return self._conditional_put(key, name, bytes(data), content_type, metadata)
 
-    def _conditional_put(
-        self, key: str, name: str, data: bytes, content_type: str, metadata: dict[str, str]
-    ) -> bool:
+    def _conditional_put(self, key: str, name: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
         headers = {**_meta_headers(metadata), "Content-Type": content_type, "If-None-Match": "*"}
         for _ in range(_CONDITIONAL_CONFLICT_RETRIES):
             with self._errors("put_if_absent", key):
@@ -231,9 +229,7 @@ class S3ObjectStore(ObjectStore):
         name = self._name(key)
         expires = check_expiry(self._config.presign_expiry_s if expires_s is None else expires_s)
         with self._errors("presign", key):
-            return self._presign_client.presigned_get_object(
-                self._bucket, name, expires=timedelta(seconds=expires)
-            )
+            return self._presign_client.presigned_get_object(self._bucket, name, expires=timedelta(seconds=expires))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -289,9 +285,15 @@ def _make_client(config: S3StoreConfig, endpoint: str, secure: bool) -> Minio:
     )
 
 
-def _meta_headers(metadata: Mapping[str, str]) -> dict[str, str]:
+def _meta_headers(metadata: Mapping[str, str]) -> dict[str, str | list[str] | tuple[str]]:
     # Prefixed here: minio would send keys like "content-type" as real headers otherwise.
     return {_META_HEADER + k: v for k, v in metadata.items()}
+
+
+def _etag(etag: str | None) -> str:
+    # A completed PUT always answers with an ETag; the SDK types it optional.
+    assert etag is not None, "S3 PUT answered without an ETag"
+    return etag
 
 
 def _metadata_from_headers(headers: Mapping[str, str]) -> dict[str, str]:

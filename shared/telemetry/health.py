@@ -124,9 +124,7 @@ class HealthState:
                 reason = self._unready_reason
             else:
                 reason = ""
-            return HealthSnapshot(
-                self._component, self._healthy, self._ready, self._draining, reason, self._since
-            )
+            return HealthSnapshot(self._component, self._healthy, self._ready, self._draining, reason, self._since)
 
     @property
     def healthy(self) -> bool:

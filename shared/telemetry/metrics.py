@@ -453,6 +453,7 @@ class Metrics:
         if not set(defaults) <= declared:
             raise MetricTagError(f"default tags {sorted(set(defaults) - declared)} are not declared by any metric")
 
+        sinks: dict[str, _Sink]
         if backend == "prometheus":
             registry = prometheus_client.REGISTRY if registry is None else registry
             sinks = {name: _prometheus_sink(spec, registry) for name, spec in catalog.items()}
@@ -465,9 +466,7 @@ class Metrics:
         else:
             raise ValueError(f"backend must be 'prometheus', 'ray' or 'auto', got {backend!r}")
 
-        instruments = {
-            name: _INSTRUMENTS[spec.kind](spec, sinks[name], defaults) for name, spec in catalog.items()
-        }
+        instruments = {name: _INSTRUMENTS[spec.kind](spec, sinks[name], defaults) for name, spec in catalog.items()}
         return cls(backend, instruments, registry)
 
     def __getattr__(self, name: str) -> Any:

@@ -43,6 +43,7 @@ Public API: `srgb_to_lab`, `delta_e`, `estimate_background`, `foreground_mask`, 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -104,9 +105,9 @@ NARROW_TORSO_PX = 3.5  # a torso half width (px) below this (a turn seen edge-on
 
 
 # ---- colour ---------------------------------------------------------------------------------
-_SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
-                         [0.2126729, 0.7151522, 0.0721750],
-                         [0.0193339, 0.1191920, 0.9503041]])
+_SRGB_TO_XYZ = np.array(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+)
 _D65 = np.array([0.95047, 1.0, 1.08883])
 
 
@@ -185,11 +186,12 @@ def _row_background(sm: np.ndarray) -> np.ndarray:
     if agree.all():
         return bg
     if not agree.any():  # no row agrees: the side that varies less along y
-        tv = lambda c: float(np.abs(np.diff(c, axis=0)).sum())  # noqa: E731
+        tv = lambda c: float(np.abs(np.diff(c, axis=0)).sum())
         return left if tv(left) <= tv(right) else right
     rows = np.arange(h)
     above = np.maximum.accumulate(np.where(agree, rows, -1))  # nearest agreeing row above (or -1)
     below = np.minimum.accumulate(np.where(agree, rows, h)[::-1])[::-1]  # ... below (or h)
+
     def dist_to_neighbours(c: np.ndarray) -> np.ndarray:  # [H]: to the nearer agreeing neighbour
         d = np.full(h, np.inf)
         ok = above >= 0
@@ -197,6 +199,7 @@ def _row_background(sm: np.ndarray) -> np.ndarray:
         ok = below < h
         d[ok] = np.minimum(d[ok], np.linalg.norm(c[ok] - bg[below[ok]], axis=1))
         return d
+
     pick_left = dist_to_neighbours(left) <= dist_to_neighbours(right)
     out = np.where(pick_left[:, None], left, right)
     return np.where(agree[:, None], bg, out)
@@ -264,12 +267,20 @@ class _Person:
 
     def as_dict(self) -> dict:
         return {
-            "top": self.top, "bottom": self.bottom, "left": self.left, "right": self.right,
-            "cx": float(self.cx), "feet": float(self.feet), "head_top": float(self.head_top),
-            "height": float(self.height), "width_factor": float(self.width_factor),
+            "top": self.top,
+            "bottom": self.bottom,
+            "left": self.left,
+            "right": self.right,
+            "cx": float(self.cx),
+            "feet": float(self.feet),
+            "head_top": float(self.head_top),
+            "height": float(self.height),
+            "width_factor": float(self.width_factor),
             "torso_width": float(2 * TORSO_HALF_WIDTH * self.height * self.width_factor),
-            "arm_up": float(self.arm_up), "clipped_top": bool(self.clipped_top),
-            "clipped_side": bool(self.clipped_side), "height_from": self.height_from,
+            "arm_up": float(self.arm_up),
+            "clipped_top": bool(self.clipped_top),
+            "clipped_side": bool(self.clipped_side),
+            "height_from": self.height_from,
         }
 
 
@@ -280,7 +291,7 @@ def _centroid_x(mask: np.ndarray, y0: float, y1: float, cx: float, half: float) 
     c0, c1 = max(0, int(math.ceil(cx - half - 0.5))), min(w, int(math.floor(cx + half - 0.5)) + 1)
     if r1 <= r0 or c1 <= c0:
         return None
-    ys, xs = np.nonzero(mask[r0:r1, c0:c1])
+    _, xs = np.nonzero(mask[r0:r1, c0:c1])
     return float(xs.mean() + c0 + 0.5) if len(xs) else None
 
 
@@ -312,8 +323,11 @@ def _legs_extent(dist: np.ndarray, mask: np.ndarray, feet: float, height: float,
     r0 = max(0, int(round(feet - height + LEGS_MEASURE_ROWS[0] * height)))
     r1 = min(hgt, int(round(feet - height + LEGS_MEASURE_ROWS[1] * height)))
     c0, c1 = max(0, int(cx - 0.25 * height)), min(w, int(cx + 0.25 * height) + 1)
-    widths = [float(_coverage(dist[r : r + 1, c0:c1], mask[r : r + 1, c0:c1]).sum())
-              for r in range(r0, r1) if mask[r, c0:c1].any()]
+    widths = [
+        float(_coverage(dist[r : r + 1, c0:c1], mask[r : r + 1, c0:c1]).sum())
+        for r in range(r0, r1)
+        if mask[r, c0:c1].any()
+    ]
     return max(1.0, float(np.median(widths))) if widths else None
 
 
@@ -337,7 +351,7 @@ def _height_from_arms(mask: np.ndarray, feet: float, cx: float, legs: float) -> 
     width from the centre (so independent of the build), on either side; None if neither side
     shows a hanging arm (a run at least ARM_MIN_RUN of the arm's length, or cut at the top);
     with both, the lower hand (a raised arm crossing the band ends higher)."""
-    hgt, w = mask.shape
+    _, w = mask.shape
     xs = np.arange(w) + 0.5
     found = []
     for side in (-1, 1):
@@ -392,7 +406,7 @@ def _head_top(dist: np.ndarray, mask: np.ndarray, r0: int, feet: float, cx: floa
 
 def _locate(frame: np.ndarray) -> _Person | None:
     """The person of a frame [H, W, 3], or None (see `locate_person`)."""
-    hgt, wid, _ = frame.shape
+    hgt, _, _ = frame.shape
     dist, fg, bg = _foreground_dist(frame)
     runs = _runs(fg.sum(1) >= 2, max_gap=2)
     if not runs:
@@ -439,9 +453,22 @@ def _locate(frame: np.ndarray) -> _Person | None:
     return _finish(mask, dist, bg, r0, r1, c0, c1, cx, feet, height, b, legs, clipped, source)
 
 
-def _finish(mask: np.ndarray, dist: np.ndarray, bg: np.ndarray, r0: int, r1: int, c0: int, c1: int,
-            cx: float, feet: float, height: float, b: float, legs: float, clipped: bool,
-            source: str = "head") -> _Person:
+def _finish(
+    mask: np.ndarray,
+    dist: np.ndarray,
+    bg: np.ndarray,
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    cx: float,
+    feet: float,
+    height: float,
+    b: float,
+    legs: float,
+    clipped: bool,
+    source: str = "head",
+) -> _Person:
     """Assemble a person and its raised-arm area."""
     wid = mask.shape[1]
     ys, xs = np.nonzero(mask)
@@ -471,8 +498,9 @@ def locate_person(frame: np.ndarray) -> dict | None:
 
 
 # ---- regions --------------------------------------------------------------------------------
-def _region_box(p: _Person, rows: tuple[float, float], x0: float, x1: float,
-                shape: tuple[int, int]) -> tuple[int, int, int, int]:
+def _region_box(
+    p: _Person, rows: tuple[float, float], x0: float, x1: float, shape: tuple[int, int]
+) -> tuple[int, int, int, int]:
     """Integer [r0, r1) x [c0, c1) of body rows `rows` (fractions of h) and x in [x0, x1) px, at least 1x1."""
     h, w = shape
     r0 = int(np.clip(round(p.y(rows[0])), 0, h - 1))
@@ -531,7 +559,8 @@ def body_regions(frame: np.ndarray) -> dict | None:
     for name in ("face", "hair", "torso", "legs"):
         pix, box = _region_pixels(frame, p, name)
         out[name] = {
-            "box": tuple(int(v) for v in box), "pixels": int(len(pix)),
+            "box": tuple(int(v) for v in box),
+            "pixels": len(pix),
             "rgb": tuple(float(v) for v in np.median(pix, axis=0)),
             "lab": tuple(float(v) for v in _mode_lab(pix)),
         }
@@ -611,7 +640,7 @@ def _garment_ref_uncached(garment_image: np.ndarray) -> _GarmentRef | None:
 
 
 def pattern_kind(grid: np.ndarray) -> str:
-    """"solid" | "halves" | "stripes" | "vsplit" from a pattern grid [rows, 2, 3] (Lab): left vs
+    """ "solid" | "halves" | "stripes" | "vsplit" from a pattern grid [rows, 2, 3] (Lab): left vs
     right columns differ -> vsplit; else the rows' colours: one colour -> solid, one change
     between two colours -> halves, more -> stripes."""
     g = np.nan_to_num(grid, nan=0.0)
@@ -628,9 +657,15 @@ def pattern_kind(grid: np.ndarray) -> str:
 
 def _fidelity(frame: np.ndarray, p: _Person | None, ref: _GarmentRef | None) -> dict:
     nan = float("nan")
-    out = {"pattern_delta_e": nan, "colour_delta_e": nan, "torso_pattern": "none",
-           "garment_pattern": ref.kind if ref else "none", "pattern_agrees": False,
-           "measurable": True, "matches": False}
+    out = {
+        "pattern_delta_e": nan,
+        "colour_delta_e": nan,
+        "torso_pattern": "none",
+        "garment_pattern": ref.kind if ref else "none",
+        "pattern_agrees": False,
+        "measurable": True,
+        "matches": False,
+    }
     if p is None or ref is None:
         return out
     half = TORSO_HALF_WIDTH * p.height * p.width_factor  # px
@@ -643,8 +678,13 @@ def _fidelity(frame: np.ndarray, p: _Person | None, ref: _GarmentRef | None) -> 
     centre = ref.grids[len(GRID_SHIFTS) // 2]
     col = float(delta_e(np.nanmean(t, axis=(0, 1)), np.nanmean(centre, axis=(0, 1))))
     kind = pattern_kind(t)
-    out.update(pattern_delta_e=pat, colour_delta_e=col, torso_pattern=kind, pattern_agrees=kind == ref.kind,
-               matches=bool(pat <= GARMENT_MATCH_DE))
+    out.update(
+        pattern_delta_e=pat,
+        colour_delta_e=col,
+        torso_pattern=kind,
+        pattern_agrees=kind == ref.kind,
+        matches=bool(pat <= GARMENT_MATCH_DE),
+    )
     return out
 
 
@@ -673,14 +713,25 @@ def garment_fidelity(frame: np.ndarray, garment_image: np.ndarray) -> dict:
 # ---- identity and bottoms -------------------------------------------------------------------
 def _identity(frame: np.ndarray, p: _Person | None, ref: dict | None) -> dict:
     if p is None or ref is None:
-        return {"skin_delta_e": float("nan"), "hair_delta_e": float("nan"), "has_hair": False,
-                "reference_has_hair": bool(ref and ref["has_hair"]), "hair_agrees": False, "matches": False}
+        return {
+            "skin_delta_e": float("nan"),
+            "hair_delta_e": float("nan"),
+            "has_hair": False,
+            "reference_has_hair": bool(ref and ref["has_hair"]),
+            "hair_agrees": False,
+            "matches": False,
+        }
     face, hair = _region_lab(frame, p, "face"), _region_lab(frame, p, "hair")
     has_hair = bool(delta_e(face, hair) > HAIR_PRESENT_DE)
     skin_de, hair_de = float(delta_e(face, ref["face"])), float(delta_e(hair, ref["hair"]))
-    return {"skin_delta_e": skin_de, "hair_delta_e": hair_de, "has_hair": has_hair,
-            "reference_has_hair": ref["has_hair"], "hair_agrees": has_hair == ref["has_hair"],
-            "matches": bool(skin_de <= SKIN_MATCH_DE and hair_de <= HAIR_MATCH_DE)}
+    return {
+        "skin_delta_e": skin_de,
+        "hair_delta_e": hair_de,
+        "has_hair": has_hair,
+        "reference_has_hair": ref["has_hair"],
+        "hair_agrees": has_hair == ref["has_hair"],
+        "matches": bool(skin_de <= SKIN_MATCH_DE and hair_de <= HAIR_MATCH_DE),
+    }
 
 
 def _identity_ref(reference_image: np.ndarray) -> dict | None:
@@ -689,8 +740,12 @@ def _identity_ref(reference_image: np.ndarray) -> dict | None:
     if p is None:
         return None
     face, hair = _region_lab(ref, p, "face"), _region_lab(ref, p, "hair")
-    return {"face": face, "hair": hair, "legs": _region_lab(ref, p, "legs"),
-            "has_hair": bool(delta_e(face, hair) > HAIR_PRESENT_DE)}
+    return {
+        "face": face,
+        "hair": hair,
+        "legs": _region_lab(ref, p, "legs"),
+        "has_hair": bool(delta_e(face, hair) > HAIR_PRESENT_DE),
+    }
 
 
 def identity_score(frame: np.ndarray, reference_image: np.ndarray) -> dict:
@@ -740,17 +795,33 @@ def _locate_clip(frames: np.ndarray) -> list[_Person | None]:
             height = max(p.feet, ratio * p.legs_extent)
             legs = _legs_extent(p.dist, p.mask, p.feet, height, p.cx) or p.legs_extent
             height = max(p.feet, ratio * legs)
-            p = _finish(p.mask, p.dist, p.bg, p.top, p.bottom, p.left, p.right, p.cx, p.feet, height,
-                        legs / (LEGS_WIDTH * height), legs, True, "legs")
+            p = _finish(
+                p.mask,
+                p.dist,
+                p.bg,
+                p.top,
+                p.bottom,
+                p.left,
+                p.right,
+                p.cx,
+                p.feet,
+                height,
+                legs / (LEGS_WIDTH * height),
+                legs,
+                True,
+                "legs",
+            )
         out.append(p)
     return out
 
 
 def _trajectory(people: list[_Person | None]) -> dict[str, np.ndarray]:
     nan = float("nan")
-    get = lambda f: np.array([f(p) if p is not None else nan for p in people], np.float64)  # noqa: E731
+    get = lambda f: np.array([f(p) if p is not None else nan for p in people], np.float64)
     return {
-        "cx": get(lambda p: p.cx), "feet": get(lambda p: p.feet), "height": get(lambda p: p.height),
+        "cx": get(lambda p: p.cx),
+        "feet": get(lambda p: p.feet),
+        "height": get(lambda p: p.height),
         "width_factor": get(lambda p: p.width_factor),
         "torso_width": get(lambda p: 2 * TORSO_HALF_WIDTH * p.height * p.width_factor),
         "arm_up": get(lambda p: p.arm_up),
@@ -792,9 +863,12 @@ def _motion_features(tr: dict[str, np.ndarray]) -> dict[str, float] | None:
     resid = feet - (feet[0] + vf * (t - t[0]))
     resid = resid - np.median(resid)
     return {
-        "h": h, "frames": float(len(t)),
-        "dx_per_frame": vx / h, "dx_px": vx * span,
-        "log_growth_per_frame": growth, "log_growth": growth * span,
+        "h": h,
+        "frames": float(len(t)),
+        "dx_per_frame": vx / h,
+        "dx_px": vx * span,
+        "log_growth_per_frame": growth,
+        "log_growth": growth * span,
         "feet_range": float(np.percentile(resid, 97) - np.percentile(resid, 3)) / h,
         "arm_up": float(np.median(arm)),
         "width_range": float((np.percentile(wf, 95) - np.percentile(wf, 5)) / max(np.percentile(wf, 95), 1e-6)),
@@ -832,8 +906,15 @@ def motion_kind_from_caption(caption_or_kind: str) -> str:
     text = caption_or_kind.strip().lower()
     if text in MOTION_KINDS:
         return text
-    for word, kind in (("wave", "wave"), ("jump", "jump"), ("turn", "turn"), ("toward", "toward"),
-                       ("still", "still"), ("left", "walk_left"), ("right", "walk_right")):
+    for word, kind in (
+        ("wave", "wave"),
+        ("jump", "jump"),
+        ("turn", "turn"),
+        ("toward", "toward"),
+        ("still", "still"),
+        ("left", "walk_left"),
+        ("right", "walk_right"),
+    ):
         if word in text:
             return kind
     raise ValueError(f"no motion kind in {caption_or_kind!r}")
@@ -905,10 +986,14 @@ def _jump_at(frames: np.ndarray, people: list[_Person | None], index: int, windo
     traj_jump = bool(np.isfinite(dev) and dev > max(JUMP_MIN_FRAC * h, JUMP_RATIO * typ))
     mask_jump = bool(changes[0] > max(MASK_JUMP_MIN, MASK_JUMP_RATIO * m_typ))
     return {
-        "traj_step_px": dev, "traj_typical_px": typ, "traj_ratio": dev / max(typ, 0.5),
-        "mask_change": float(changes[0]), "mask_change_typical": m_typ,
+        "traj_step_px": dev,
+        "traj_typical_px": typ,
+        "traj_ratio": dev / max(typ, 0.5),
+        "mask_change": float(changes[0]),
+        "mask_change_typical": m_typ,
         "mask_ratio": float(changes[0]) / max(m_typ, 0.02),
-        "frame_diff": float(diffs[0]), "frame_diff_typical": float(np.median(diffs[1:])) if len(diffs) > 1 else 0.0,
+        "frame_diff": float(diffs[0]),
+        "frame_diff_typical": float(np.median(diffs[1:])) if len(diffs) > 1 else 0.0,
         "frame_diff_ratio": float(diffs[0]) / max(float(np.median(diffs[1:])) if len(diffs) > 1 else 0.0, 0.5),
         "is_jump": traj_jump or mask_jump,
     }
@@ -964,8 +1049,9 @@ def _match_rate(fids: list[dict]) -> float:
     return _mean([float(f["matches"]) for f in fids if f["measurable"]])
 
 
-def _window_scores(frames: np.ndarray, people: list[_Person | None], idx: range, gref: _GarmentRef | None,
-                   iref: dict | None) -> dict[str, float]:
+def _window_scores(
+    frames: np.ndarray, people: list[_Person | None], idx: range, gref: _GarmentRef | None, iref: dict | None
+) -> dict[str, float]:
     fid = [_fidelity(frames[t], people[t], gref) for t in idx]
     ide = [_identity(frames[t], people[t], iref) for t in idx]
     return {
@@ -977,8 +1063,9 @@ def _window_scores(frames: np.ndarray, people: list[_Person | None], idx: range,
     }
 
 
-def drift(frames: np.ndarray, reference_image: np.ndarray, garment_image: np.ndarray,
-          window: int = 8) -> dict[str, float]:
+def drift(
+    frames: np.ndarray, reference_image: np.ndarray, garment_image: np.ndarray, window: int = 8
+) -> dict[str, float]:
     """Garment fidelity and identity over the first vs the last `window` frames of a long run.
 
     Returns {name}_start, {name}_end and {name}_change (end - start) for name in garment_delta_e,
@@ -996,8 +1083,15 @@ def drift(frames: np.ndarray, reference_image: np.ndarray, garment_image: np.nda
     return out
 
 
-def score_clip(frames: np.ndarray, reference: np.ndarray, garments_schedule: list[np.ndarray],
-               switch_frames: list[int], caption: str, hold: int = 3, window: int = 6) -> dict:
+def score_clip(
+    frames: np.ndarray,
+    reference: np.ndarray,
+    garments_schedule: list[np.ndarray],
+    switch_frames: list[int],
+    caption: str,
+    hold: int = 3,
+    window: int = 6,
+) -> dict:
     """Everything for one clip, as a flat dict of plain values (for an evaluation runner).
 
     `garments_schedule[i]` is worn from `switch_frames[i - 1]` (0 for i = 0) up to the next switch;
@@ -1020,7 +1114,7 @@ def score_clip(frames: np.ndarray, reference: np.ndarray, garments_schedule: lis
     if len(garments_schedule) != len(switch_frames) + 1:
         raise ValueError("garments_schedule needs one garment per segment (len(switch_frames) + 1)")
     bounds = [0] + [int(k) for k in switch_frames] + [t_len]
-    if any(b0 >= b1 for b0, b1 in zip(bounds[:-1], bounds[1:])):
+    if any(b0 >= b1 for b0, b1 in itertools.pairwise(bounds)):
         raise ValueError(f"switch_frames must increase within 1 .. {t_len - 1}, got {switch_frames}")
     people = _locate_clip(frames)
     tr = _trajectory(people)
@@ -1034,18 +1128,22 @@ def score_clip(frames: np.ndarray, reference: np.ndarray, garments_schedule: lis
     ids = [_identity(frames[t], people[t], iref) for t in range(t_len)]
     bots = [_bottoms(frames[t], people[t], iref) for t in range(t_len)]
     out: dict = {
-        "frames": t_len, "found_rate": float(tr["found"].mean()),
-        "motion_expected": kind, "motion_detected": _classify(feat),
+        "frames": t_len,
+        "found_rate": float(tr["found"].mean()),
+        "motion_expected": kind,
+        "motion_detected": _classify(feat),
         "motion_direction_accuracy": float(_direction_correct(feat, kind)),
     }
     out.update({f"smoothness_{k}": v for k, v in _smoothness(tr).items()})
-    out.update({
-        "identity_skin_delta_e": _mean([d["skin_delta_e"] for d in ids]),
-        "identity_hair_delta_e": _mean([d["hair_delta_e"] for d in ids]),
-        "identity_match_rate": _mean([float(d["matches"]) for d in ids]),
-        "bottoms_delta_e": _mean([d["delta_e"] for d in bots]),
-        "bottoms_match_rate": _mean([float(d["matches"]) for d in bots]),
-    })
+    out.update(
+        {
+            "identity_skin_delta_e": _mean([d["skin_delta_e"] for d in ids]),
+            "identity_hair_delta_e": _mean([d["hair_delta_e"] for d in ids]),
+            "identity_match_rate": _mean([float(d["matches"]) for d in ids]),
+            "bottoms_delta_e": _mean([d["delta_e"] for d in bots]),
+            "bottoms_match_rate": _mean([float(d["matches"]) for d in bots]),
+        }
+    )
     for i in range(len(grefs)):
         seg = fids[bounds[i] : bounds[i + 1]]
         out[f"seg{i}_garment_delta_e"] = _mean([f["pattern_delta_e"] for f in seg])

@@ -50,19 +50,45 @@ _MOTION_TEXT = {
 HOLDOUT_COLOURS: tuple[RGB, ...] = ((200, 40, 50), (40, 150, 80), (230, 170, 40), (120, 60, 170), (40, 170, 190))
 HOLDOUT_RADIUS = 45.0
 
-_SKIN = ((250, 215, 190), (235, 190, 160), (224, 180, 150), (200, 150, 115), (170, 120, 90), (130, 90, 65), (95, 65, 45))
+_SKIN = (
+    (250, 215, 190),
+    (235, 190, 160),
+    (224, 180, 150),
+    (200, 150, 115),
+    (170, 120, 90),
+    (130, 90, 65),
+    (95, 65, 45),
+)
 _HAIR = ((30, 25, 20), (90, 60, 35), (160, 110, 60), (220, 190, 120), (150, 150, 150), (170, 60, 30))
 _BOTTOMS = ((60, 60, 70), (40, 50, 90), (30, 30, 30), (150, 130, 95), (110, 110, 115), (95, 65, 45), (70, 90, 60))
 _WALLS = ((214, 222, 230), (232, 226, 214), (220, 230, 220), (236, 222, 222), (200, 205, 215), (240, 238, 230))
 _FLOORS = ((170, 160, 150), (150, 150, 160), (190, 175, 150), (140, 150, 140))
 
 _NAMED = {
-    "red": (200, 40, 50), "crimson": (160, 20, 40), "orange": (235, 120, 40), "amber": (230, 170, 40),
-    "yellow": (235, 215, 60), "olive": (130, 130, 50), "lime": (150, 210, 60), "green": (40, 150, 80),
-    "teal": (30, 130, 130), "cyan": (40, 170, 190), "sky blue": (110, 170, 230), "blue": (50, 80, 200),
-    "navy": (35, 45, 100), "purple": (120, 60, 170), "violet": (170, 110, 210), "pink": (230, 130, 170),
-    "magenta": (200, 50, 150), "brown": (120, 75, 45), "beige": (215, 195, 160), "white": (245, 245, 245),
-    "grey": (128, 128, 128), "black": (30, 30, 30), "slate": (90, 110, 150), "khaki": (150, 130, 95),
+    "red": (200, 40, 50),
+    "crimson": (160, 20, 40),
+    "orange": (235, 120, 40),
+    "amber": (230, 170, 40),
+    "yellow": (235, 215, 60),
+    "olive": (130, 130, 50),
+    "lime": (150, 210, 60),
+    "green": (40, 150, 80),
+    "teal": (30, 130, 130),
+    "cyan": (40, 170, 190),
+    "sky blue": (110, 170, 230),
+    "blue": (50, 80, 200),
+    "navy": (35, 45, 100),
+    "purple": (120, 60, 170),
+    "violet": (170, 110, 210),
+    "pink": (230, 130, 170),
+    "magenta": (200, 50, 150),
+    "brown": (120, 75, 45),
+    "beige": (215, 195, 160),
+    "white": (245, 245, 245),
+    "grey": (128, 128, 128),
+    "black": (30, 30, 30),
+    "slate": (90, 110, 150),
+    "khaki": (150, 130, 95),
 }
 
 
@@ -89,7 +115,7 @@ class Top:
 
     @property
     def id(self) -> str:
-        c1, c2 = ("%02x%02x%02x" % self.colour), ("%02x%02x%02x" % self.colour2)
+        c1, c2 = "".join(f"{v:02x}" for v in self.colour), "".join(f"{v:02x}" for v in self.colour2)
         return f"{self.pattern}-{self.sleeves}-{c1}-{c2}"
 
 
@@ -129,7 +155,7 @@ class Scene:
     x: float = 0.5  # start centre x, fraction of the frame width
     feet: float = 0.94  # feet y, fraction of the frame height
 
-    def with_top(self, top: Top) -> "Scene":
+    def with_top(self, top: Top) -> Scene:
         return replace(self, top=top)
 
     def to_dict(self) -> dict:
@@ -253,10 +279,6 @@ def pose_at(scene: Scene, t: int, height: int, width: int, fps: int = 24) -> Pos
 SS = 2  # supersampling factor
 
 
-def _shade(c: RGB, f: float) -> RGB:
-    return tuple(int(np.clip(round(v * f), 0, 255)) for v in c)  # type: ignore[return-value]
-
-
 def _background(bg: Background, height: int, width: int) -> np.ndarray:
     img = np.empty((height, width, 3), np.float32)
     ramp = 1.0 + bg.gradient * (np.arange(height, dtype=np.float32) / max(height - 1, 1) - 0.5)
@@ -295,18 +317,34 @@ def _pattern_fill(d: ImageDraw.ImageDraw, top: Top, x0: float, y0: float, x1: fl
         raise ValueError(f"unknown pattern {top.pattern!r}")
 
 
-def _arm(d: ImageDraw.ImageDraw, sx: float, sy: float, length: float, thick: float, angle: float, side: int,
-         skin: RGB, sleeve: RGB | None, sleeve_frac: float) -> None:
+def _arm(
+    d: ImageDraw.ImageDraw,
+    sx: float,
+    sy: float,
+    length: float,
+    thick: float,
+    angle: float,
+    side: int,
+    skin: RGB,
+    sleeve: RGB | None,
+    sleeve_frac: float,
+) -> None:
     """An arm hanging from the shoulder (sx, sy), rotated `angle` degrees outward on `side` (+1 right)."""
     a = math.radians(angle)
     ux, uy = side * math.sin(a), math.cos(a)  # along the arm
     px, py = uy, -ux  # across it
+
     def quad(f0: float, f1: float) -> list[tuple[float, float]]:
         c0 = (sx + ux * length * f0, sy + uy * length * f0)
         c1 = (sx + ux * length * f1, sy + uy * length * f1)
         h = thick / 2
-        return [(c0[0] - px * h, c0[1] - py * h), (c0[0] + px * h, c0[1] + py * h),
-                (c1[0] + px * h, c1[1] + py * h), (c1[0] - px * h, c1[1] - py * h)]
+        return [
+            (c0[0] - px * h, c0[1] - py * h),
+            (c0[0] + px * h, c0[1] + py * h),
+            (c1[0] + px * h, c1[1] + py * h),
+            (c1[0] - px * h, c1[1] - py * h),
+        ]
+
     _poly(d, quad(0.0, 1.0), skin)
     if sleeve is not None and sleeve_frac > 0:
         _poly(d, quad(0.0, sleeve_frac), sleeve)
@@ -319,7 +357,7 @@ def draw_person(img: Image.Image, scene: Scene, pose: Pose, height: int) -> None
     h = ident.height * height * pose.scale
     b = ident.build * pose.squash
     cx, feet = pose.x, pose.feet - pose.lift
-    y = lambda f: feet - h + f * h  # noqa: E731  (fraction of the body height -> pixel y)
+    y = lambda f: feet - h + f * h
     sleeve_frac = {"none": 0.0, "short": 0.4, "long": 1.0}[top.sleeves]
     torso_hw, arm_w, leg_w, gap = 0.105 * h * b, 0.074 * h * b, 0.082 * h * b, 0.013 * h * b
     # legs / bottoms
@@ -348,8 +386,18 @@ def draw_person(img: Image.Image, scene: Scene, pose: Pose, height: int) -> None
     for side in (-1, 1):
         sx = cx + side * (torso_hw + arm_w / 2)
         angle = pose.arm if side > 0 else 0.0
-        _arm(d, sx, arm_top + arm_w / 2, arm_len - arm_w / 2, arm_w, angle, side, ident.skin,
-             top.colour if sleeve_frac else None, sleeve_frac)
+        _arm(
+            d,
+            sx,
+            arm_top + arm_w / 2,
+            arm_len - arm_w / 2,
+            arm_w,
+            angle,
+            side,
+            ident.skin,
+            top.colour if sleeve_frac else None,
+            sleeve_frac,
+        )
         if sleeve_frac == 0 and angle == 0:  # the arm top is squared off like examples/person.png
             _rect(d, sx - arm_w / 2, arm_top, sx + arm_w / 2, arm_top + arm_w / 2, ident.skin)
         elif sleeve_frac:
@@ -361,11 +409,17 @@ def draw_person(img: Image.Image, scene: Scene, pose: Pose, height: int) -> None
         _rect(d, cx - rx * 1.1, hy - ry * 0.2, cx + rx * 1.1, y(0.28), ident.hair)
     d.ellipse([(cx - rx) * SS, (hy - ry) * SS, (cx + rx) * SS, (hy + ry) * SS], fill=ident.skin)
     if ident.hair_style in ("short", "long", "bun"):
-        d.chord([(cx - rx * 1.04) * SS, (hy - ry * 1.06) * SS, (cx + rx * 1.04) * SS, (hy + ry * 0.9) * SS],
-                start=180, end=360, fill=ident.hair)
+        d.chord(
+            [(cx - rx * 1.04) * SS, (hy - ry * 1.06) * SS, (cx + rx * 1.04) * SS, (hy + ry * 0.9) * SS],
+            start=180,
+            end=360,
+            fill=ident.hair,
+        )
     if ident.hair_style == "bun":
         br = 0.045 * h
-        d.ellipse([(cx - br) * SS, (hy - ry - 1.5 * br) * SS, (cx + br) * SS, (hy - ry + 0.4 * br) * SS], fill=ident.hair)
+        d.ellipse(
+            [(cx - br) * SS, (hy - ry - 1.5 * br) * SS, (cx + br) * SS, (hy - ry + 0.4 * br) * SS], fill=ident.hair
+        )
 
 
 def render_frame(scene: Scene, t: int, height: int, width: int, fps: int = 24) -> np.ndarray:
@@ -392,13 +446,19 @@ def render_garment(top: Top, size: int = 240) -> np.ndarray:
         for side in (-1, 1):
             edge = bx1 if side > 0 else bx0
             out = edge + side * 0.2 * s
-            pts = [(edge - side * 0.02 * s, by0), (edge + side * 0.1 * s, by0),
-                   (out, by0 + reach * 0.55 * s), (out - side * 0.1 * s, by0 + reach * 0.62 * s),
-                   (edge, by0 + 0.3 * s)]
+            pts = [
+                (edge - side * 0.02 * s, by0),
+                (edge + side * 0.1 * s, by0),
+                (out, by0 + reach * 0.55 * s),
+                (out - side * 0.1 * s, by0 + reach * 0.62 * s),
+                (edge, by0 + 0.3 * s),
+            ]
             _poly(d, pts, top.colour)
     _pattern_fill(d, top, bx0, by0, bx1, by1)
     # neckline
-    d.chord([(0.4 * s) * SS, (by0 - 0.06 * s) * SS, (0.6 * s) * SS, (by0 + 0.06 * s) * SS], 0, 180, fill=(255, 255, 255))
+    d.chord(
+        [(0.4 * s) * SS, (by0 - 0.06 * s) * SS, (0.6 * s) * SS, (by0 + 0.06 * s) * SS], 0, 180, fill=(255, 255, 255)
+    )
     return np.asarray(img.resize((s, s), Image.Resampling.BOX))
 
 

@@ -11,7 +11,8 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 
-from shared.storage.config import StorageConfig, open_store
+from shared.storage.config import StorageConfig
+from shared.storage.factory import open_store
 from training.curation import fakes
 from training.curation.config import (
     CurationConfig,

@@ -19,16 +19,16 @@ import grpc
 import pytest
 
 from fashionchameleon.v1 import eval_pb2, eval_pb2_grpc
-from services.cli import eval as eval_cli
-from services.cli.common import CliError, Parser
+from services.eval import cli as eval_cli
 from services.eval.backends import EngineBackend
 from services.eval.bench import load_benchmark
 from services.eval.config import EvalConfig, JudgeConfig, RunnerConfig
 from services.eval.report import write_reports
-from services.eval.runner import Runner, RunMismatch
+from services.eval.runner import RunMismatch, Runner
 from services.eval.scoring import Scorer
 from services.eval.service import EvalService
 from services.eval.smoke import SMOKE_NAME, write_smoke_bench
+from shared.cli import CliError, Parser
 from shared.runtime.pipeline import Engine
 from shared.storage import LocalObjectStore, LocalStoreConfig
 
@@ -44,7 +44,7 @@ class Judge:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
+            def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 outer.calls += 1
                 hgc = 4 + outer.calls % 2  # 4 or 5
@@ -198,7 +198,7 @@ def test_a_run_folder_of_other_settings_is_refused(full_run, bench, engine, judg
 
 
 def cli(argv: list[str]) -> tuple[int, str]:
-    """`fashionchameleon eval ...` through services/cli/eval.py (as main.py will wire it)."""
+    """`fashionchameleon eval ...` through services/eval/cli.py (as main.py wires it)."""
     parser = Parser(prog="fashionchameleon")
     eval_cli.register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     out = io.StringIO()
@@ -300,10 +300,10 @@ class _Servicer(eval_pb2_grpc.EvalServicer):
     def __init__(self, svc: EvalService):
         self.svc = svc
 
-    def RunBenchmark(self, request, context):  # noqa: N802
+    def RunBenchmark(self, request, context):
         return asyncio.run(self.svc.RunBenchmark(request, grpc_context=context))
 
-    def GetReport(self, request, context):  # noqa: N802
+    def GetReport(self, request, context):
         return asyncio.run(self.svc.GetReport(request, grpc_context=context))
 
 

@@ -35,7 +35,7 @@ class StudioDouble(studio_pb2_grpc.StudioServicer):
         self.engine = engine
         self.sessions: dict[str, dict] = {}
 
-    def CreateSession(self, request, context):  # noqa: N802
+    def CreateSession(self, request, context):
         sid = uuid.uuid4().hex[:12]
         ref = Image.open(io.BytesIO(request.reference.data)).convert("RGB")
         garment = Image.open(io.BytesIO(request.garment.data)).convert("RGB")
@@ -59,7 +59,7 @@ class StudioDouble(studio_pb2_grpc.StudioServicer):
             seed=seed,
         )
 
-    def StreamSession(self, request, context):  # noqa: N802
+    def StreamSession(self, request, context):
         s = self.sessions[request.session_id]
         st = self.engine.preset.streaming
         mux = FragmentedMp4Muxer(st.width, st.height, st.fps)
@@ -87,14 +87,14 @@ class StudioDouble(studio_pb2_grpc.StudioServicer):
             )
             time.sleep(0.05)  # a little playback pacing so a switch can land on the next boundary
 
-    def SwitchGarment(self, request, context):  # noqa: N802
+    def SwitchGarment(self, request, context):
         s = self.sessions[request.session_id]
         with s["lock"]:
             s["pending"] = Image.open(io.BytesIO(request.garment.data)).convert("RGB")
             nxt = s["session"].chunk_index
         return studio_pb2.SwitchGarmentResponse(effective_chunk_index=nxt, garment_id="upload:x")
 
-    def CloseSession(self, request, context):  # noqa: N802
+    def CloseSession(self, request, context):
         self.sessions.pop(request.session_id, None)
         return studio_pb2.CloseSessionResponse()
 

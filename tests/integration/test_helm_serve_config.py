@@ -37,9 +37,14 @@ def _code_deployment_infos(monkeypatch, env: dict) -> dict[str, DeploymentInfo]:
     built = build_serve_app(app_builder({}), name="fashionchameleon")
     infos = {}
     for d in built.deployments:
-        replica = ReplicaConfig.from_proto_bytes(d._replica_config.to_proto_bytes(), d._deployment_config.needs_pickle())
+        replica = ReplicaConfig.from_proto_bytes(
+            d._replica_config.to_proto_bytes(), d._deployment_config.needs_pickle()
+        )
         infos[d.name] = DeploymentInfo(
-            deployment_config=d._deployment_config, replica_config=replica, start_time_ms=0, deployer_job_id="chart-test"
+            deployment_config=d._deployment_config,
+            replica_config=replica,
+            start_time_ms=0,
+            deployer_job_id="chart-test",
         )
     return infos
 

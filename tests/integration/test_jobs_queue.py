@@ -26,8 +26,9 @@ from shared.jobs import (
     JobState,
 )
 from shared.media.video import probe_video, read_frames
-from shared.queue.config import RedisConfig, connect
+from shared.redis_util import connect
 from shared.runtime.pipeline import Engine
+from shared.sessionbus.config import RedisConfig
 from shared.storage import open_store
 from shared.storage.config import S3StoreConfig, StorageConfig
 from tests.fixtures.redis_server import RedisUnavailable, start_redis_server
@@ -59,8 +60,12 @@ def store(tmp_path_factory):
         s3 = start_seaweedfs(tmp_path_factory.mktemp("s3"))
     except SeaweedFSUnavailable as e:
         pytest.skip(str(e))
-    config = StorageConfig(backend="s3", s3=S3StoreConfig(
-        endpoint=s3.endpoint, secure=False, bucket="jobs-test", access_key=s3.access_key, secret_key=s3.secret_key))
+    config = StorageConfig(
+        backend="s3",
+        s3=S3StoreConfig(
+            endpoint=s3.endpoint, secure=False, bucket="jobs-test", access_key=s3.access_key, secret_key=s3.secret_key
+        ),
+    )
     store = open_store(config)
     store.ensure_bucket()
     yield store
@@ -95,12 +100,23 @@ class Env:
             self.images[seed] = key
         return self.images[seed]
 
-    def spec(self, key: str, *, chunks: int = 1, seed: int = 7, garments=((0, 2),), reference: int = 1,
-             prompt: str = "a person walks") -> ClipSpec:
+    def spec(
+        self,
+        key: str,
+        *,
+        chunks: int = 1,
+        seed: int = 7,
+        garments=((0, 2),),
+        reference: int = 1,
+        prompt: str = "a person walks",
+    ) -> ClipSpec:
         return ClipSpec(
             reference_key=self.image(reference),
             garments=tuple(GarmentAt(chunk_index=k, object_key=self.image(g)) for k, g in garments),
-            prompt=prompt, chunks=chunks, seed=seed, idempotency_key=key,
+            prompt=prompt,
+            chunks=chunks,
+            seed=seed,
+            idempotency_key=key,
         )
 
     def runner(self, name: str = "w1") -> JobRunner:
@@ -160,10 +176,13 @@ def test_same_idempotency_key_is_one_job(redis_url, store, engine):
 
 def test_results_manifest_poster_and_reproducible_frames(redis_url, store, engine):
     async def scenario(env: Env):
-        a, b = await env.queue.submit(env.tenant, [
-            env.spec("rerun-1", chunks=2, garments=((0, 2), (1, 3))),
-            env.spec("rerun-2", chunks=2, garments=((0, 2), (1, 3))),
-        ])
+        a, b = await env.queue.submit(
+            env.tenant,
+            [
+                env.spec("rerun-1", chunks=2, garments=((0, 2), (1, 3))),
+                env.spec("rerun-2", chunks=2, garments=((0, 2), (1, 3))),
+            ],
+        )
         assert await env.runner().run_until_idle() == 2
         ra, rb = [await env.queue.get(s.record.job_id) for s in (a, b)]
         assert ra.state == rb.state == JobState.SUCCEEDED
@@ -191,8 +210,14 @@ def test_results_manifest_poster_and_reproducible_frames(redis_url, store, engin
 def test_always_failing_job_is_dead_lettered_without_delaying_others(redis_url, store, engine):
     async def scenario(env: Env):
         missing = f"uploads/{env.tenant}/deleted-after-submit"
-        bad = ClipSpec(reference_key=missing, garments=(GarmentAt(chunk_index=0, object_key=env.image(2)),),
-                       prompt="p", chunks=1, seed=1, idempotency_key="bad")
+        bad = ClipSpec(
+            reference_key=missing,
+            garments=(GarmentAt(chunk_index=0, object_key=env.image(2)),),
+            prompt="p",
+            chunks=1,
+            seed=1,
+            idempotency_key="bad",
+        )
         subs = await env.queue.submit(env.tenant, [bad] + [env.spec(f"good-{i}") for i in range(3)])
         bad_id, good_ids = subs[0].record.job_id, [s.record.job_id for s in subs[1:]]
         runner = env.runner()
@@ -220,8 +245,14 @@ def test_bad_image_is_dead_lettered_at_once(redis_url, store, engine):
     async def scenario(env: Env):
         key = f"uploads/{env.tenant}/not-an-image"
         env.store.put_bytes(key, b"this is not an image at all")
-        spec = ClipSpec(reference_key=key, garments=(GarmentAt(chunk_index=0, object_key=env.image(2)),),
-                        prompt="p", chunks=1, seed=1, idempotency_key="corrupt")
+        spec = ClipSpec(
+            reference_key=key,
+            garments=(GarmentAt(chunk_index=0, object_key=env.image(2)),),
+            prompt="p",
+            chunks=1,
+            seed=1,
+            idempotency_key="corrupt",
+        )
         (sub,) = await env.queue.submit(env.tenant, [spec])
         await env.runner().run_until_idle()
         record = await env.queue.get(sub.record.job_id)

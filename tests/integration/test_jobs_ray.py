@@ -20,16 +20,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fashionchameleon.v1 import studio_pb2
 from PIL import Image
 
-from services.cli import batch
-from services.cli.common import Parser
+from fashionchameleon.v1 import studio_pb2
+from services.jobs import cli as batch
 from services.jobs.client import JobsClient, clip_spec
 from services.jobs.worker import worker_deployment
 from services.launcher import free_port
 from services.studio.client import StudioError
 from services.studio.service import StudioService
+from shared.cli import Parser
 from shared.config import (
     AppConfig,
     AuthConfig,
@@ -39,7 +39,7 @@ from shared.config import (
     ServeConfig,
 )
 from shared.jobs import JobsConfig
-from shared.queue.config import RedisConfig
+from shared.sessionbus.config import RedisConfig
 from shared.storage import open_store
 from shared.storage.config import S3StoreConfig, StorageConfig
 from tests.fixtures.redis_server import RedisUnavailable, start_redis_server
@@ -51,8 +51,18 @@ serve = pytest.importorskip("ray.serve")
 pytestmark = pytest.mark.timeout(600)
 
 KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
-JOBS = JobsConfig(claim_idle_s=3.0, heartbeat_s=0.3, poll_s=0.2, backoff_base_s=0.5, backoff_max_s=1.0,
-                  min_workers=2, max_workers=2, depth_poll_s=1.0, results_prefix="batch", drain_timeout_s=2.0)
+JOBS = JobsConfig(
+    claim_idle_s=3.0,
+    heartbeat_s=0.3,
+    poll_s=0.2,
+    backoff_base_s=0.5,
+    backoff_max_s=1.0,
+    min_workers=2,
+    max_workers=2,
+    depth_poll_s=1.0,
+    results_prefix="batch",
+    drain_timeout_s=2.0,
+)
 
 
 def png(seed: int, size=(160, 120)) -> bytes:
@@ -83,9 +93,16 @@ def suite():
     config = AppConfig(
         model=ModelConfig(preset="tiny"),
         redis=RedisConfig(url=redis_url, namespace="jobsuite"),
-        storage=StorageConfig(backend="s3", s3=S3StoreConfig(
-            endpoint=s3.endpoint, secure=False, bucket="fashionchameleon", access_key=s3.access_key,
-            secret_key=s3.secret_key)),
+        storage=StorageConfig(
+            backend="s3",
+            s3=S3StoreConfig(
+                endpoint=s3.endpoint,
+                secure=False,
+                bucket="fashionchameleon",
+                access_key=s3.access_key,
+                secret_key=s3.secret_key,
+            ),
+        ),
         generator=GeneratorConfig(realtime=False),
         auth=AuthConfig(api_keys=KEYS),
         limits=LimitsConfig(max_image_bytes=2 * 2**20),
@@ -100,8 +117,7 @@ def suite():
         http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),
     )
     gateway = serve.deployment(StudioService, name="studio", ray_actor_options={"num_cpus": 0})
-    serve.run(gateway.bind(config.to_json(), None, None), name=config.serve.app_name,
-              route_prefix="/", blocking=False)
+    serve.run(gateway.bind(config.to_json(), None, None), name=config.serve.app_name, route_prefix="/", blocking=False)
     serve.run(worker_deployment(config, JOBS), name="jobs", route_prefix=None, blocking=False)
     target = f"127.0.0.1:{config.serve.grpc_port}"
     _wait_serving(target)
@@ -173,15 +189,37 @@ def test_fifty_clips_through_the_cli_each_finish_with_one_result(suite, tmp_path
         (tmp_path / f"model{i}.png").write_bytes(png(100 + i))
     for i in range(10):
         (tmp_path / f"garment{i}.png").write_bytes(png(200 + i))
-    lines = [json.dumps({"id": f"clip-{n:02d}", "reference": f"model{n % 2}.png", "garment": f"garment{n % 10}.png",
-                         "prompt": f"a person walks, take {n}", "chunks": 1, "labels": {"n": str(n)}})
-             for n in range(50)]
+    lines = [
+        json.dumps(
+            {
+                "id": f"clip-{n:02d}",
+                "reference": f"model{n % 2}.png",
+                "garment": f"garment{n % 10}.png",
+                "prompt": f"a person walks, take {n}",
+                "chunks": 1,
+                "labels": {"n": str(n)},
+            }
+        )
+        for n in range(50)
+    ]
     manifest = tmp_path / "clips.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     started = time.monotonic()
-    status = cli("batch", "submit", str(manifest), "--wait", "--out", str(out), "--target", target,
-                 "--api-key", KEYS["acme"], "--timeout", "400")
+    status = cli(
+        "batch",
+        "submit",
+        str(manifest),
+        "--wait",
+        "--out",
+        str(out),
+        "--target",
+        target,
+        "--api-key",
+        KEYS["acme"],
+        "--timeout",
+        "400",
+    )
     elapsed = time.monotonic() - started
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
@@ -207,15 +245,17 @@ def test_fifty_clips_through_the_cli_each_finish_with_one_result(suite, tmp_path
 
 def test_worker_killed_mid_job_is_reclaimed_and_finishes_once(suite, client):
     _, _, store, _ = suite
-    (job,) = client.submit_clips([clip_spec(png(1), [(0, png(2)), (10, png(3))], "a person turns", 24,
-                                            key="killed-worker")])
+    (job,) = client.submit_clips(
+        [clip_spec(png(1), [(0, png(2)), (10, png(3))], "a person turns", 24, key="killed-worker")]
+    )
     running = wait_job(client, job.job_id, lambda j: j.state == studio_pb2.Job.RUNNING and j.chunks_done >= 1)
     stats = serve.get_app_handle("jobs").stats.remote().result()  # the deployment answers
     assert running.attempts == 1
     pid = _pid_of_job_holder(suite, job.job_id)
     os.kill(pid, signal.SIGKILL)  # the worker process dies mid-job: no release, no more heartbeats
-    done = wait_job(client, job.job_id, lambda j: j.state in (studio_pb2.Job.SUCCEEDED, studio_pb2.Job.FAILED),
-                    timeout_s=180)
+    done = wait_job(
+        client, job.job_id, lambda j: j.state in (studio_pb2.Job.SUCCEEDED, studio_pb2.Job.FAILED), timeout_s=180
+    )
     assert done.state == studio_pb2.Job.SUCCEEDED, done.error_message
     assert done.attempts == 2 and done.chunks_done == 24
     assert videos_under(store, f"{JOBS.results_prefix}/acme/{job.job_id}/") == [done.result.video_key]
@@ -229,7 +269,7 @@ def _pid_of_job_holder(suite, job_id: str) -> int:
     import asyncio
 
     from shared.jobs import JobQueue
-    from shared.queue.config import connect
+    from shared.redis_util import connect
 
     config, _, _, _ = suite
 
@@ -255,8 +295,10 @@ def test_api_idempotency_validation_isolation_and_cancel(suite, client):
         client.submit_clips([clip_spec(png(5), [(0, png(6))], "another prompt", 1, key="api-same")])
     assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
     before = len(list(client.iter_jobs()))
-    bad_batch = [clip_spec(png(7), [(0, png(8))], "fine", 1, key="api-ok"),
-                 clip_spec(png(7), [(0, png(8)), (3, png(9))], "schedule past the end", 2, key="api-bad")]
+    bad_batch = [
+        clip_spec(png(7), [(0, png(8))], "fine", 1, key="api-ok"),
+        clip_spec(png(7), [(0, png(8)), (3, png(9))], "schedule past the end", 2, key="api-bad"),
+    ]
     with pytest.raises(StudioError) as err:
         client.submit_clips(bad_batch)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT

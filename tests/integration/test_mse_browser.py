@@ -12,8 +12,8 @@ import base64
 import functools
 import http.server
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -25,8 +25,9 @@ from shared.media.fmp4 import FragmentedMp4Muxer, split_init_segment
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs chromium (.ci/run), so there a missing browser fails instead of skipping.
-pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
-                                reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (apt-get install chromium)"
+)
 
 PAGE = """<html><body><video id=v muted></video><pre id=out>pending</pre><script>
 const pieces = %(pieces)s.map(b => Uint8Array.from(atob(b), c => c.charCodeAt(0)));
@@ -74,23 +75,36 @@ def play(tmp_path, mime: str, pieces: list[bytes]) -> dict:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         dom = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
-             f"http://127.0.0.1:{server.server_address[1]}/index.html"],
-            capture_output=True, text=True, timeout=120,
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                f"http://127.0.0.1:{server.server_address[1]}/index.html",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
     finally:
         server.shutdown()
     match = re.search(r"<pre id=\"out\">([^<]*)", dom)
     assert match and match.group(1).startswith("RESULT "), f"player said: {match.group(1) if match else dom[-500:]}"
-    return json.loads(match.group(1)[len("RESULT "):])
+    return json.loads(match.group(1)[len("RESULT ") :])
 
 
 def test_a_whole_stream_plays_through_media_source_extensions(tmp_path):
     mime, pieces = stream_pieces()
     result = play(tmp_path, mime, pieces)
-    (start, end), = result["buffered"]
+    ((start, end),) = result["buffered"]
     assert start == pytest.approx(0.0, abs=1e-3) and end == pytest.approx(45 / 24, abs=1e-3)
     assert result["readyState"] >= 3  # HAVE_FUTURE_DATA: it can play
 
@@ -99,5 +113,5 @@ def test_a_resumed_stream_lands_at_its_own_timestamps(tmp_path):
     mime, pieces = stream_pieces()
     init, _ = split_init_segment(pieces[0])
     result = play(tmp_path, mime, [init + pieces[2], pieces[3]])  # reconnect at chunk 2
-    (start, end), = result["buffered"]
+    ((start, end),) = result["buffered"]
     assert start == pytest.approx(21 / 24, abs=1e-3) and end == pytest.approx(45 / 24, abs=1e-3)

@@ -1,4 +1,4 @@
-"""shared.queue against a real redis-server started for this module.
+"""shared.sessionbus against a real redis-server started for this module.
 
 Tests are plain functions that run one asyncio scenario each (`_run`); every scenario gets
 its own namespace, so scenarios never see each other's keys.
@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from shared.queue import (
+from shared.redis_util import connect
+from shared.sessionbus import (
     ChunkExpired,
     ChunkOutOfOrder,
     CommandType,
@@ -33,7 +34,6 @@ from shared.queue import (
     SessionRegistry,
     SessionState,
     StreamEnded,
-    connect,
 )
 from tests.fixtures.redis_server import RedisUnavailable, start_redis_server
 
@@ -141,7 +141,7 @@ def test_state_transitions(redis_url: str) -> None:
         await output.append(0, b"chunk0")
         record = await registry.set_state("s", SessionState.CLOSING)
         assert record.closing_at is not None and record.closed_at is None
-        (_, close_cmd), = await control.read()
+        ((_, close_cmd),) = await control.read()
         assert close_cmd.type is CommandType.CLOSE
         with pytest.raises(SessionClosed):  # no commands once closing
             await control.send(ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": "x"}))
@@ -223,7 +223,7 @@ def test_idle_expiry_reaping(redis_url: str) -> None:
         assert idle is not None and idle.state is SessionState.EXPIRED and idle.reason == "idle_timeout"
         assert (await registry.get("stuck")).state is SessionState.FAILED
         assert (await registry.get("busy")).state is SessionState.ACTIVE
-        (_, cmd), = await registry.control("idle").read()
+        ((_, cmd),) = await registry.control("idle").read()
         assert cmd.type is CommandType.CLOSE and cmd.payload == {"reason": "idle_timeout"}
         chunks = [c async for c in registry.output("idle").iterate(0, block_ms=100)]
         assert [c.index for c in chunks] == [0]  # then the end marker stopped the iteration

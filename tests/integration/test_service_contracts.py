@@ -15,28 +15,19 @@ One application serves the module; sessions run without playback pacing.
 from __future__ import annotations
 
 import io
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import ray
 from google.rpc import error_details_pb2, status_pb2
 from PIL import Image
 
-from fashionchameleon.v1 import studio_pb2, studio_pb2_grpc
-from services.launcher import free_port
+from fashionchameleon.v1 import studio_pb2
 from services.studio.client import StudioClient, StudioError
-from shared.config import AppConfig, AuthConfig, GeneratorConfig, LimitsConfig, ModelConfig, ServeConfig
 from shared.models.presets import get_preset
-from shared.queue.config import RedisConfig
-from shared.runtime.kv_cache import KVCacheSpec
-from shared.storage.config import S3StoreConfig, StorageConfig
-from tests.fixtures.redis_server import start_redis_server
-from tests.fixtures.seaweedfs import SeaweedFSUnavailable, start_seaweedfs
+from tests.fixtures.ray_suite import ray_suite
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -63,47 +54,12 @@ def wait_for(predicate, timeout_s=30.0, interval=0.2):
     return False
 
 
-@pytest.fixture(scope="module")
-def suite():
-    from services.launcher import start_app
-
-    tmp = Path(tempfile.mkdtemp(prefix="fc-contracts-"))
-    (tmp / "redis").mkdir()
-    (tmp / "s3").mkdir()
-    redis_url, stop_redis = start_redis_server(tmp / "redis")
-    try:
-        endpoint, access, secret, stop_s3 = start_seaweedfs(tmp / "s3")
-    except SeaweedFSUnavailable as e:
-        stop_redis()
-        pytest.skip(str(e))
-    spec = KVCacheSpec.from_preset(get_preset("tiny"), __import__("torch").float32)
-    config = AppConfig(
-        model=ModelConfig(preset="tiny"),
-        redis=RedisConfig(url=redis_url, namespace="contracts", session_lease_s=3.0),
-        storage=StorageConfig(
-            backend="s3",
-            s3=S3StoreConfig(endpoint=endpoint, secure=False, bucket="fashionchameleon", access_key=access,
-                             secret_key=secret),
-        ),
-        generator=GeneratorConfig(realtime=False, kv_cache_budget_bytes=MAX_SESSIONS * spec.bytes,
-                                  max_client_lag_chunks=3, reaper_interval_s=0.5, open_attempts=1,
-                                  recovery_attempts=REBUILD_ATTEMPTS),
-        auth=AuthConfig(api_keys=KEYS),
-        limits=LimitsConfig(max_image_bytes=2 * 2**20, max_sessions_per_tenant=50),
-        serve=ServeConfig(grpc_port=free_port(), http_port=free_port()),
-    )
-    from shared.storage import open_store
-
-    open_store(config.storage).ensure_bucket()
-    start_app(config, metrics_port=free_port())
-    target = f"127.0.0.1:{config.serve.grpc_port}"
-    try:
-        yield config, target
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        stop_s3()
-        stop_redis()
+suite = ray_suite(
+    "contracts",
+    keys=KEYS,
+    sessions_per_replica=MAX_SESSIONS,
+    generator={"open_attempts": 1, "recovery_attempts": REBUILD_ATTEMPTS},
+)
 
 
 @pytest.fixture()
@@ -144,8 +100,9 @@ def test_retried_switch_and_prompt_act_once(client):
             break
         if chunk.index == 1:
             switches = [client.switch_garment(s.session_id, png(4), request_id="switch-0001") for _ in range(2)]
-            prompts = [client.update_prompt(s.session_id, "the person turns", request_id="prompt-0001")
-                       for _ in range(2)]
+            prompts = [
+                client.update_prompt(s.session_id, "the person turns", request_id="prompt-0001") for _ in range(2)
+            ]
             with pytest.raises(StudioError) as err:  # the same request_id for another request
                 client.update_prompt(s.session_id, "the person sits down", request_id="prompt-0001")
             assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
@@ -219,7 +176,8 @@ def test_tenant_quota_holds_under_concurrent_creates(suite):
     (the generator would have room for MAX_SESSIONS)."""
     import asyncio
 
-    from shared.queue import SessionRegistry, connect
+    from shared.redis_util import connect
+    from shared.sessionbus import SessionRegistry
 
     async def fill():
         redis = connect(config.redis)
@@ -333,8 +291,9 @@ def _reason(rpc_error) -> str:
     return ""
 
 
-@pytest.mark.parametrize("method, streaming", [("CreateSession", False), ("StreamSession", True),
-                                               ("GetSession", False)])
+@pytest.mark.parametrize(
+    "method, streaming", [("CreateSession", False), ("StreamSession", True), ("GetSession", False)]
+)
 def test_garbage_request_bytes_are_invalid_argument(suite, method, streaming):
     garbage = b"\xff\xff\xff\xff\x0f garbage"
     err = _raw_call(suite, method, garbage, KEYS["acme"], streaming)
@@ -361,8 +320,13 @@ def test_error_reasons_are_set(suite, client):
 
 def test_chunks_and_sessions_carry_size_options_and_frames(client):
     tiny = get_preset("tiny").streaming
-    s = client.create_session(png(20), png(21), "a person", seed=9,
-                              options={"max_chunks": 2, "switch_options": {"withdraw_history_kv": False}})
+    s = client.create_session(
+        png(20),
+        png(21),
+        "a person",
+        seed=9,
+        options={"max_chunks": 2, "switch_options": {"withdraw_history_kv": False}},
+    )
     assert s.options.max_chunks == 2 and s.options.seed == 9
     assert (s.options.width, s.options.height, s.options.preset) == (tiny.width, tiny.height, "tiny")
     assert s.options.switch_options.withdraw_history_kv is False
@@ -378,7 +342,7 @@ def test_chunks_and_sessions_carry_size_options_and_frames(client):
 
 def test_failing_rebuild_gives_up_and_the_session_ends_failed(suite, client):
     """Runs last: it kills the module's generator replica."""
-    from shared.queue.keys import KeySpace
+    from shared.sessionbus.keys import KeySpace
 
     config, _ = suite
     assert idle(suite)

@@ -8,10 +8,8 @@ without playback pacing so the tests stay fast; pacing is unit-tested on the run
 from __future__ import annotations
 
 import io
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,23 +17,15 @@ import pytest
 from PIL import Image
 
 from fashionchameleon.v1 import studio_pb2, studio_pb2_grpc
-from services.launcher import free_port
 from services.studio.client import StudioClient, StudioError
-from shared.config import AppConfig, AuthConfig, GeneratorConfig, LimitsConfig, ModelConfig, ServeConfig
 from shared.media.video import probe_video
-from shared.queue.config import RedisConfig
-from shared.runtime.kv_cache import KVCacheSpec
-from shared.models.presets import get_preset
-from shared.storage.config import S3StoreConfig, StorageConfig
-from tests.fixtures.redis_server import start_redis_server
-from tests.fixtures.seaweedfs import SeaweedFSUnavailable, start_seaweedfs
+from tests.fixtures.ray_suite import ray_suite
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
 MAX_SESSIONS = 5
-METRICS_PORT = 0  # chosen when the fixture starts Ray (a port picked at import may be taken by then)
 
 
 def png(seed: int, size=(160, 120)) -> bytes:
@@ -45,48 +35,12 @@ def png(seed: int, size=(160, 120)) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def suite():
-    from services.launcher import start_app
-
-    tmp = Path(tempfile.mkdtemp(prefix="fc-suite-"))
-    (tmp / "redis").mkdir()
-    (tmp / "s3").mkdir()
-    redis_url, stop_redis = start_redis_server(tmp / "redis")
-    try:
-        endpoint, access, secret, stop_s3 = start_seaweedfs(tmp / "s3")
-    except SeaweedFSUnavailable as e:
-        stop_redis()
-        pytest.skip(str(e))
-    spec = KVCacheSpec.from_preset(get_preset("tiny"), __import__("torch").float32)
-    config = AppConfig(
-        model=ModelConfig(preset="tiny"),
-        redis=RedisConfig(url=redis_url, namespace="suite", session_lease_s=3.0),
-        storage=StorageConfig(
-            backend="s3",
-            s3=S3StoreConfig(endpoint=endpoint, secure=False, bucket="fashionchameleon", access_key=access,
-                             secret_key=secret),
-        ),
-        generator=GeneratorConfig(realtime=False, kv_cache_budget_bytes=MAX_SESSIONS * spec.bytes,
-                                  max_client_lag_chunks=3, reaper_interval_s=0.5),
-        auth=AuthConfig(api_keys=KEYS),
-        limits=LimitsConfig(max_image_bytes=2 * 2**20, max_sessions_per_tenant=50),
-        serve=ServeConfig(grpc_port=free_port(), http_port=free_port()),
-    )
-    from shared.storage import open_store
-
-    open_store(config.storage).ensure_bucket()
-    global METRICS_PORT
-    METRICS_PORT = free_port()
-    start_app(config, metrics_port=METRICS_PORT, metrics_report_interval_ms=500)
-    target = f"127.0.0.1:{config.serve.grpc_port}"
-    try:
-        yield config, target
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        stop_s3()
-        stop_redis()
+suite = ray_suite(
+    "suite",
+    keys=KEYS,
+    sessions_per_replica=MAX_SESSIONS,
+    metrics_report_interval_ms=500,
+)
 
 
 @pytest.fixture()
@@ -113,8 +67,9 @@ def wait_for(predicate, timeout_s=30.0, interval=0.2):
 
 def test_create_stream_switch_update_close(suite, client, tmp_path):
     n = 10  # without pacing the generator runs up to max_client_lag_chunks ahead of the client
-    session = client.create_session(png(1), png(2), "a person walks toward the camera", seed=5,
-                                    options={"max_chunks": n})
+    session = client.create_session(
+        png(1), png(2), "a person walks toward the camera", seed=5, options={"max_chunks": n}
+    )
     assert session.state == session.ACTIVE and session.tenant == "acme"
     chunks, switch, prompt = [], None, None
     for chunk in client.stream(session.session_id):
@@ -216,8 +171,10 @@ def test_auth_and_tenant_isolation(suite, client):
     with grpc.insecure_channel(target) as channel:  # no API key at all
         stub = studio_pb2_grpc.StudioStub(channel)
         with pytest.raises(grpc.RpcError) as raw:
-            stub.GetSession(studio_pb2.GetSessionRequest(session_id=session.session_id),
-                            metadata=(("application", config.serve.app_name),))
+            stub.GetSession(
+                studio_pb2.GetSessionRequest(session_id=session.session_id),
+                metadata=(("application", config.serve.app_name),),
+            )
         assert raw.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert client.get_session(session.session_id).session_id == session.session_id
     client.close_session(session.session_id)
@@ -225,8 +182,9 @@ def test_auth_and_tenant_isolation(suite, client):
 
 def test_capacity_full_is_resource_exhausted_and_server_keeps_serving(suite, client):
     assert wait_for(lambda: generator_capacity(suite).active_sessions == 0)
-    opened = [client.create_session(png(20 + i), png(30), "a person", options={"max_chunks": 50})
-              for i in range(MAX_SESSIONS)]
+    opened = [
+        client.create_session(png(20 + i), png(30), "a person", options={"max_chunks": 50}) for i in range(MAX_SESSIONS)
+    ]
     with pytest.raises(StudioError) as err:
         client.create_session(png(40), png(30), "a person")
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -277,7 +235,7 @@ def test_client_that_stops_reading_pauses_generation(suite, client):
     s = client.create_session(png(80), png(81), "a person", options={"max_chunks": 100})
     import redis as redis_sync
 
-    from shared.queue.keys import KeySpace
+    from shared.sessionbus.keys import KeySpace
 
     r = redis_sync.Redis.from_url(config.redis.url)
     out_key = KeySpace(config.redis.namespace).session(s.session_id).output
@@ -316,11 +274,15 @@ def test_health_probes_and_metrics_export(suite, client):
     list(client.stream(s.session_id))
 
     def scraped() -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{suite.metrics_port}/metrics", timeout=10) as resp:
             return resp.read().decode()
 
-    names = ("fashionchameleon_time_to_first_chunk_seconds", "fashionchameleon_chunks_generated_total",
-             "fashionchameleon_requests_total", "fashionchameleon_kv_cache_budget_bytes")
+    names = (
+        "fashionchameleon_time_to_first_chunk_seconds",
+        "fashionchameleon_chunks_generated_total",
+        "fashionchameleon_requests_total",
+        "fashionchameleon_kv_cache_budget_bytes",
+    )
     ok = wait_for(lambda: all(n in scraped() for n in names), timeout_s=30, interval=1.0)
     assert ok, f"missing from Ray's metrics export: {[n for n in names if n not in scraped()]}"
 

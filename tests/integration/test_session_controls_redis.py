@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
-from shared.queue import (
+from shared.sessionbus import (
     CommandType,
     ControlCommand,
     RedisConfig,
@@ -17,7 +17,10 @@ from shared.queue import (
     SessionRegistry,
     SessionState,
 )
-from tests.integration.test_redis_queue import _run, redis_url  # noqa: F401 - the module's redis-server fixture
+from tests.integration import test_redis_queue
+from tests.integration.test_redis_queue import _run
+
+redis_url = test_redis_queue.redis_url  # that module's redis-server fixture, shared here
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -33,8 +36,9 @@ def test_a_request_id_publishes_once_and_returns_the_first_command(redis_url: st
         registry = await _session(redis, cfg)
         control = registry.control("ses_ctl")
         switch = ControlCommand(type=CommandType.SWITCH_GARMENT, payload={"garment_key": "k1"})
-        sent = await asyncio.gather(*(control.send_once(switch, request_id="req-1", fingerprint="fp-a")
-                                      for _ in range(10)))
+        sent = await asyncio.gather(
+            *(control.send_once(switch, request_id="req-1", fingerprint="fp-a") for _ in range(10))
+        )
         assert len({s.command_id for s in sent}) == 1 and sum(not s.duplicate for s in sent) == 1
         entries = await control.read()
         assert [cmd.type for _, cmd in entries] == [CommandType.SWITCH_GARMENT]
@@ -71,8 +75,12 @@ def test_prompt_revisions_are_assigned_in_stream_order(redis_url: str) -> None:
         for s in sent:  # each caller learns the revision its own command carries
             assert by_id[s.command_id].payload["revision"] == s.revision
         assert {cmd.payload["prompt"] for _, cmd in entries} == {f"prompt {i} / ünï" for i in range(40)}
-        retry = await control.send_once(ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": "prompt 3 / ünï"}),
-                                        request_id="p-3", fingerprint="3", assign_revision=True)
+        retry = await control.send_once(
+            ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": "prompt 3 / ünï"}),
+            request_id="p-3",
+            fingerprint="3",
+            assign_revision=True,
+        )
         assert retry.duplicate and retry.revision == sent[3].revision  # a retry takes no new revision
 
     _run(redis_url, scenario)

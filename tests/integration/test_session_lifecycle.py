@@ -16,10 +16,10 @@ module of its own: it kills a generator replica, and it needs realtime pacing on
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import signal
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,17 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.launcher import free_port
 from services.studio.client import StudioClient
-from shared.config import AppConfig, AuthConfig, GeneratorConfig, LimitsConfig, ModelConfig, ServeConfig
 from shared.media.fmp4 import iter_boxes
 from shared.media.video import probe_video
-from shared.models.presets import get_preset
-from shared.queue.config import RedisConfig
-from shared.runtime.kv_cache import KVCacheSpec
-from shared.storage.config import S3StoreConfig, StorageConfig
-from tests.fixtures.redis_server import start_redis_server
-from tests.fixtures.seaweedfs import SeaweedFSUnavailable, start_seaweedfs
+from tests.fixtures.ray_suite import ray_suite
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -65,50 +58,14 @@ def wait_for(predicate, timeout_s=30.0, interval=0.2):
     return False
 
 
-@pytest.fixture(scope="module")
-def suite():
-    from services.launcher import start_app
-
-    tmp = Path(tempfile.mkdtemp(prefix="fc-lifecycle-"))
-    (tmp / "redis").mkdir()
-    (tmp / "s3").mkdir()
-    redis_url, stop_redis = start_redis_server(tmp / "redis")
-    try:
-        endpoint, access, secret, stop_s3 = start_seaweedfs(tmp / "s3")
-    except SeaweedFSUnavailable as e:
-        stop_redis()
-        pytest.skip(str(e))
-    except BaseException:
-        stop_redis()
-        raise
-    spec = KVCacheSpec.from_preset(get_preset("tiny"), __import__("torch").float32)
-    config = AppConfig(
-        model=ModelConfig(preset="tiny"),
-        redis=RedisConfig(url=redis_url, namespace="lifecycle", session_lease_s=LEASE_S),
-        storage=StorageConfig(
-            backend="s3",
-            s3=S3StoreConfig(endpoint=endpoint, secure=False, bucket="fashionchameleon", access_key=access,
-                             secret_key=secret),
-        ),
-        generator=GeneratorConfig(realtime=True, kv_cache_budget_bytes=SESSIONS_PER_REPLICA * spec.bytes,
-                                  max_client_lag_chunks=3, reaper_interval_s=0.5),
-        auth=AuthConfig(api_keys=KEYS),
-        limits=LimitsConfig(max_image_bytes=2 * 2**20, max_sessions_per_tenant=50),
-        serve=ServeConfig(grpc_port=free_port(), http_port=free_port(), generator_replicas=2),
-    )
-    from shared.storage import open_store
-
-    target = f"127.0.0.1:{config.serve.grpc_port}"
-    try:  # a start-up that fails (a loaded machine) still stops what it started
-        open_store(config.storage).ensure_bucket()
-        start_app(config, metrics_port=free_port())
-        yield config, target
-    finally:  # each step on its own: a half-started Ray must not keep Redis / SeaweedFS alive
-        import contextlib
-
-        for stop in (serve.shutdown, ray.shutdown, stop_s3, stop_redis):
-            with contextlib.suppress(Exception):
-                stop()
+suite = ray_suite(
+    "lifecycle",
+    keys=KEYS,
+    sessions_per_replica=SESSIONS_PER_REPLICA,
+    session_lease_s=LEASE_S,
+    generator={"realtime": True},
+    serve={"generator_replicas": 2},
+)
 
 
 @pytest.fixture()
@@ -126,7 +83,7 @@ def decoder_sessions(suite) -> int:
 def active_generator_sessions(suite) -> int:
     import redis as redis_sync
 
-    from shared.queue.keys import KeySpace
+    from shared.sessionbus.keys import KeySpace
 
     config, _ = suite
     r = redis_sync.Redis.from_url(config.redis.url)
@@ -136,7 +93,7 @@ def active_generator_sessions(suite) -> int:
 def session_replica_pid(suite, session_id: str) -> int:
     import redis as redis_sync
 
-    from shared.queue.keys import KeySpace
+    from shared.sessionbus.keys import KeySpace
 
     config, _ = suite
     r = redis_sync.Redis.from_url(config.redis.url)
@@ -193,7 +150,7 @@ def test_thirty_sessions_leave_no_decoder_state_and_save_every_clip(suite, clien
         ids.append(s.session_id)
     assert wait_for(lambda: active_generator_sessions(suite) == 0)
     left = decoder_sessions(suite) if not wait_for(lambda: decoder_sessions(suite) == 0, timeout_s=30) else 0
-    missing = [sid for sid in ids if not wait_for(lambda: store.exists(f"clips/acme/{sid}.mp4"), timeout_s=1)]
+    missing = [sid for sid in ids if not wait_for(lambda sid=sid: store.exists(f"clips/acme/{sid}.mp4"), timeout_s=1)]
     print(f"\nleak: {left} decoder sessions left, {len(missing)} of 30 clips missing")
     assert left == 0, f"{left} sessions left in the decoder's table"
     assert not missing, f"{len(missing)} of 30 sessions have no saved clip"
@@ -220,8 +177,9 @@ def test_killed_generator_replica_keeps_the_timeline_and_fails_over_fast(suite, 
         with StudioClient(target, KEYS["acme"]) as other:
             for i in range(3):  # new ids hash onto either replica, the dead one included
                 t0 = time.monotonic()
-                other_session = other.create_session(png(400 + i), png(401), "another person",
-                                                     options={"max_chunks": 1})
+                other_session = other.create_session(
+                    png(400 + i), png(401), "another person", options={"max_chunks": 1}
+                )
                 create_s["seconds"] = max(create_s.get("seconds", 0.0), time.monotonic() - t0)
                 other.close_session(other_session.session_id)
 
@@ -242,13 +200,17 @@ def test_killed_generator_replica_keeps_the_timeline_and_fails_over_fast(suite, 
     client.save(s.session_id, saved, on_chunk=on_chunk)
     creator.join(timeout=120)
     fps = chunks[0].fps
-    freeze = max(b - a for a, b in zip([killed["at"]] + arrivals[kill_after + 1:], arrivals[kill_after + 1:]))
+    freeze = max(b - a for a, b in zip([killed["at"]] + arrivals[kill_after + 1 :], arrivals[kill_after + 1 :]))
     chunk_s = 12 / fps
-    print(f"\nfailover: freeze {freeze:.2f}s (lease {LEASE_S}s, chunk {chunk_s:.2f}s); "
-          f"unrelated create {create_s.get('seconds', float('nan')):.2f}s")
-    print(f"arrivals: {np.round(np.diff(arrivals), 2).tolist()}; indices {[c.index for c in chunks]}; "
-          f"frames {[c.num_frames for c in chunks]}; first {[c.first_frame_index for c in chunks]}; "
-          f"tfdt {[tfdt_of(c.fmp4) for c in chunks]}")
+    print(
+        f"\nfailover: freeze {freeze:.2f}s (lease {LEASE_S}s, chunk {chunk_s:.2f}s); "
+        f"unrelated create {create_s.get('seconds', float('nan')):.2f}s"
+    )
+    print(
+        f"arrivals: {np.round(np.diff(arrivals), 2).tolist()}; indices {[c.index for c in chunks]}; "
+        f"frames {[c.num_frames for c in chunks]}; first {[c.first_frame_index for c in chunks]}; "
+        f"tfdt {[tfdt_of(c.fmp4) for c in chunks]}"
+    )
 
     # every chunk once, in order, the normal frame counts, a continuous frame numbering
     assert [c.index for c in chunks] == list(range(n))
@@ -260,7 +222,7 @@ def test_killed_generator_replica_keeps_the_timeline_and_fails_over_fast(suite, 
     tfdts = [tfdt_of(c.fmp4) for c in chunks]
     assert all(len(t) == 1 for t in tfdts)
     tfdts = [t[0] for t in tfdts]
-    assert all(b > a for a, b in zip(tfdts, tfdts[1:])), f"tfdt jumps back: {tfdts}"
+    assert all(b > a for a, b in itertools.pairwise(tfdts)), f"tfdt jumps back: {tfdts}"
     unit = tfdts[1] // expected_first[1]  # one frame in the track's timescale
     assert tfdts == [f * unit for f in expected_first], tfdts
     # the client's file and the server's clip both hold the whole session, timeline intact
@@ -276,6 +238,8 @@ def test_killed_generator_replica_keeps_the_timeline_and_fails_over_fast(suite, 
     assert freeze < LEASE_S + chunk_s + 1.5, f"stream froze {freeze:.1f}s after the kill"
     assert create_s.get("seconds", 1e9) < 3.0, f"an unrelated create waited {create_s} on the outage"
     # pacing continues from the playback clock after the rebuild: no burst of catch-up chunks
-    resumed = next(i for i in range(kill_after + 1, n) if arrivals[i] - arrivals[i - 1] > 1.0 or arrivals[i] - killed["at"] > 1.0)
+    resumed = next(
+        i for i in range(kill_after + 1, n) if arrivals[i] - arrivals[i - 1] > 1.0 or arrivals[i] - killed["at"] > 1.0
+    )
     after = np.diff(arrivals[resumed:])
     assert after.mean() > 0.6 * chunk_s, f"chunks after the rebuild arrive unpaced: {np.round(after, 2)}"

@@ -20,9 +20,9 @@ from pydantic import SecretStr
 
 pytest.register_assert_rewrite("tests.storage_cases")
 
-from minio import Minio  # noqa: E402
+from minio import Minio
 
-from shared.storage import (  # noqa: E402
+from shared.storage import (
     LocalObjectStore,
     LocalStoreConfig,
     ObjectNotFound,
@@ -32,9 +32,9 @@ from shared.storage import (  # noqa: E402
     StorageError,
     open_store,
 )
-from shared.storage.s3 import S3ObjectStore  # noqa: E402
-from tests.fixtures.seaweedfs import SeaweedFS, SeaweedFSUnavailable, free_ports, start_seaweedfs  # noqa: E402
-from tests.storage_cases import CatalogContract, ObjectStoreContract  # noqa: E402
+from shared.storage.s3 import S3ObjectStore
+from tests.fixtures.seaweedfs import SeaweedFS, SeaweedFSUnavailable, free_ports, start_seaweedfs
+from tests.storage_cases import CatalogContract, ObjectStoreContract
 
 BUCKET = "fc-storage-tests"
 

@@ -26,8 +26,13 @@ def chunk_slices(chunks: int) -> list[slice]:
 
 def test_demo_streams_the_toy_model_and_shows_each_switch_at_its_acknowledged_chunk(tmp_path) -> None:
     out = tmp_path / "demo.mp4"
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--chunks", "8", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--chunks", "8", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Ray's driver may print its own log lines after the summary (see issue 16): take the JSON line.
     summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])

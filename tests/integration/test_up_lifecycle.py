@@ -58,9 +58,23 @@ class Up:
     def __init__(self, tmp_path: Path):
         self.err = (tmp_path / "up.stderr").open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--preset", "tiny", "--grpc-port", "0",
-             "--store", str(tmp_path / "store")],
-            stdout=subprocess.PIPE, stderr=self.err, text=True, cwd=ROOT, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--preset",
+                "tiny",
+                "--grpc-port",
+                "0",
+                "--store",
+                str(tmp_path / "store"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            cwd=ROOT,
+            start_new_session=True,
             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
         )
         self.seen: dict[int, int] = {}  # every descendant ever seen: pid -> start time
@@ -72,8 +86,10 @@ class Up:
         while time.monotonic() < deadline:
             self.snapshot()
             if self.proc.poll() is not None:
-                pytest.fail(f"`up` exited ({self.proc.returncode}) before serving:\n"
-                            f"{(tmp_path / 'up.stderr').read_text()[-3000:]}")
+                pytest.fail(
+                    f"`up` exited ({self.proc.returncode}) before serving:\n"
+                    f"{(tmp_path / 'up.stderr').read_text()[-3000:]}"
+                )
             ready, _, _ = select.select([self.proc.stdout], [], [], 1.0)
             if ready:
                 line = self.proc.stdout.readline()
@@ -132,8 +148,10 @@ def test_up_stops_within_10_s_of_a_signal_and_leaves_nothing_behind(up, sig):
         pytest.fail(f"`up` still running 60 s after {sig.name}")
     stopped = time.monotonic() - started
     took, left = up.wait_gone(GONE_LIMIT_S)
-    print(f"{sig.name}: `up` exited after {stopped:.2f} s (status {up.proc.returncode}); "
-          f"its {len(up.seen)} descendants were gone {took:.2f} s later")
+    print(
+        f"{sig.name}: `up` exited after {stopped:.2f} s (status {up.proc.returncode}); "
+        f"its {len(up.seen)} descendants were gone {took:.2f} s later"
+    )
     assert stopped < STOP_LIMIT_S, f"`up` took {stopped:.1f} s to stop after {sig.name}"
     assert up.proc.returncode == 0
     assert not left, f"left running {GONE_LIMIT_S:.0f} s after `up` stopped: {left}"

@@ -66,8 +66,13 @@ def _readline(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
 @pytest.fixture()
 def tree():
     bystander = subprocess.Popen(["sleep", "600"])  # ours, not below the parent: must survive
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
-                              cwd=os.path.dirname(os.path.dirname(child_reaper.__file__)), start_new_session=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(child_reaper.__file__)),
+        start_new_session=True,
+    )
     pids = [parent.pid]
     try:
         reaper, child, escaped, stubborn = (int(x) for x in _readline(parent).split())
@@ -126,7 +131,12 @@ def test_start_makes_the_parent_a_subreaper_so_orphans_stay_below_it():
         print(_stat(orphan)[0] == os.getpid(), flush=True)
         os.kill(orphan, 9)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                         cwd=os.path.dirname(os.path.dirname(child_reaper.__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=os.path.dirname(os.path.dirname(child_reaper.__file__)),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True", "an orphan of the tree was re-parented outside it"

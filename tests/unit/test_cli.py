@@ -20,6 +20,7 @@ from services.cli.main import main
 from shared.media.video import probe_video, read_frames
 from shared.models.checkpoint import build_random
 from shared.models.presets import get_preset
+from shared.runtime.kv_cache import KVCacheSpec
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "a person turns slowly and waves"
@@ -145,7 +146,11 @@ def test_presets_lists_sizes(capsys) -> None:
     assert {"tiny", "small", "wan2.2-ti2v-5b"} <= set(rows)
     full = rows["wan2.2-ti2v-5b"]
     assert full["tokens_per_frame"] == 880
-    assert full["kv_cache_bytes"] == (2 + 23) * 880 * 3072 * 2 * 2 * 30  # cond + M frames, K and V, bf16
+    # cond 2 + sink 3 + window 15 + chunk 3 = 23 = 2 + 21, the paper's trained sequence length
+    assert (full["max_cache_frames"], full["attended_frames"], full["trained_frames"]) == (18, 23, 23)
+    assert rows["toy"]["attended_frames"] == rows["toy"]["trained_frames"] == 14
+    assert all(r["attended_frames"] <= r["trained_frames"] for r in rows.values())
+    assert full["kv_cache_bytes"] == KVCacheSpec.from_preset(get_preset("wan2.2-ti2v-5b"), torch.bfloat16).bytes
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -246,8 +251,19 @@ def test_generate_without_a_source_uses_the_default_checkpoint_and_names_it_when
     from shared.models.checkpoint import DEFAULT_CHECKPOINT_ENV
 
     monkeypatch.setenv(DEFAULT_CHECKPOINT_ENV, str(tmp_path / "nowhere"))
-    args = ["generate", "--reference", f"{inputs}/ref.png", "--garment", f"{inputs}/g1.png", "--prompt", "p",
-            "--chunks", "1", "--out", str(tmp_path / "o.mp4")]
+    args = [
+        "generate",
+        "--reference",
+        f"{inputs}/ref.png",
+        "--garment",
+        f"{inputs}/g1.png",
+        "--prompt",
+        "p",
+        "--chunks",
+        "1",
+        "--out",
+        str(tmp_path / "o.mp4"),
+    ]
     assert_usage_error(*run_cli(capsys, args), "default checkpoint")
 
 
@@ -266,7 +282,6 @@ def test_module_entry_point(inputs: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["frames"] == 9
     assert probe_video(out).num_frames == 9
-
 
 
 def test_random_weights_for_folder_tokenizer_presets() -> None:

@@ -21,7 +21,7 @@ from shared.config import (
     GeneratorConfig,
     api_key_digest,
 )
-from shared.queue.config import RedisConfig
+from shared.sessionbus.config import RedisConfig
 from shared.storage.config import S3StoreConfig, StorageConfig
 
 KEY_OLD = "acme-old-key-0123456789"
@@ -34,8 +34,10 @@ REDIS_PASSWORD = "redis-pw-very-private"
 def _config(save_clips: bool = True) -> AppConfig:
     return AppConfig(
         auth=AuthConfig(api_keys={"acme": [KEY_OLD, KEY_NEW], "globex": KEY_GLOBEX}),
-        storage=StorageConfig(backend="s3", s3=S3StoreConfig(
-            endpoint="s3.local:9000", bucket="media", access_key=ACCESS, secret_key=SECRET)),
+        storage=StorageConfig(
+            backend="s3",
+            s3=S3StoreConfig(endpoint="s3.local:9000", bucket="media", access_key=ACCESS, secret_key=SECRET),
+        ),
         redis=RedisConfig(url=f"redis://default:{REDIS_PASSWORD}@redis:6379/0"),
         generator=GeneratorConfig(save_clips=save_clips),
     )
@@ -69,7 +71,7 @@ def shipped() -> dict[str, str]:
 
 def test_every_deployment_gets_its_own_view(shipped):
     assert set(shipped) == set(DEPLOYMENT_SECRETS) == {"studio", "encoder", "decoder", "generator", "jobs", "eval"}
-    for name, text in shipped.items():
+    for text in shipped.values():
         AppConfig.from_json(text)  # each is a whole, valid config
 
 
@@ -115,9 +117,7 @@ def test_studio_built_from_its_view_accepts_every_key_of_a_tenant(shipped, tmp_p
     """Studio authenticates from digests alone; both keys of a rotating tenant work."""
     from services.studio.service import StudioService
 
-    view = AppConfig.from_json(shipped["studio"]).model_copy(
-        update={"storage": StorageConfig.from_url(str(tmp_path))}
-    )
+    view = AppConfig.from_json(shipped["studio"]).model_copy(update={"storage": StorageConfig.from_url(str(tmp_path))})
     studio = StudioService(view.to_json(), None, None)
     assert studio.auth.tenant_for_key(KEY_OLD) == "acme"
     assert studio.auth.tenant_for_key(KEY_NEW) == "acme"
@@ -176,7 +176,9 @@ def test_from_env_takes_several_keys_and_digests_per_tenant():
     }
     auth = AppConfig.from_env(env).auth
     assert auth.digest_to_tenant() == {
-        api_key_digest(KEY_OLD): "acme", api_key_digest(KEY_NEW): "acme", api_key_digest(KEY_GLOBEX): "globex",
+        api_key_digest(KEY_OLD): "acme",
+        api_key_digest(KEY_NEW): "acme",
+        api_key_digest(KEY_GLOBEX): "globex",
     }
     with pytest.raises(ValueError, match="at least"):
         AppConfig.from_env({"FASHIONCHAMELEON_API_KEYS": json.dumps({"acme": "k-1"})})

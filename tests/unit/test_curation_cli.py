@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from services.cli import curate
-from services.cli.common import CliError, Parser
+from shared.cli import CliError, Parser
+from training.curation import cli as curate
 
 
 def _parse(argv):

@@ -53,7 +53,7 @@ def _upgrade_hint(what: str) -> str:
 
 
 def test_requires_python_matches_what_the_code_uses():
-    """StrEnum (shared/queue, shared/jobs, shared/telemetry) and typing.Self need 3.11."""
+    """StrEnum (shared/sessionbus, shared/jobs, shared/telemetry) and typing.Self need 3.11."""
     spec = PYPROJECT["project"]["requires-python"]
     assert re.fullmatch(r">=\s*3\.(\d+)", spec) and int(spec.split(".")[1]) >= 11, (
         f"requires-python is {spec!r}, but the code uses enum.StrEnum and typing.Self (Python 3.11)"
@@ -98,15 +98,21 @@ def test_wan_transformer_has_the_modules_the_in_context_forward_drives(transform
     missing = [name for name in top if not hasattr(transformer, name)]
     assert not missing, _upgrade_hint(f"WanTransformer3DModel (no {missing})")
     emb = transformer.condition_embedder
-    missing = [n for n in ("text_embedder", "timesteps_proj", "time_embedder", "time_proj", "act_fn") if not hasattr(emb, n)]
+    missing = [
+        n for n in ("text_embedder", "timesteps_proj", "time_embedder", "time_proj", "act_fn") if not hasattr(emb, n)
+    ]
     assert not missing, _upgrade_hint(f"WanTimeTextImageEmbedding (no {missing})")
     assert len(transformer.blocks) == PRESET.dit.num_layers
     block = transformer.blocks[0]
-    missing = [n for n in ("scale_shift_table", "norm1", "norm2", "norm3", "attn1", "attn2", "ffn") if not hasattr(block, n)]
+    missing = [
+        n for n in ("scale_shift_table", "norm1", "norm2", "norm3", "attn1", "attn2", "ffn") if not hasattr(block, n)
+    ]
     assert not missing, _upgrade_hint(f"WanTransformerBlock (no {missing})")
-    assert tuple(block.scale_shift_table.shape) == (1, 6, PRESET.dit.num_attention_heads * PRESET.dit.attention_head_dim), (
-        _upgrade_hint("the block's scale_shift_table layout (expected [1, 6, inner])")
-    )
+    assert tuple(block.scale_shift_table.shape) == (
+        1,
+        6,
+        PRESET.dit.num_attention_heads * PRESET.dit.attention_head_dim,
+    ), _upgrade_hint("the block's scale_shift_table layout (expected [1, 6, inner])")
 
 
 def test_self_attention_projections_are_reachable_as_the_block_forward_uses_them(transformer):
@@ -115,8 +121,8 @@ def test_self_attention_projections_are_reachable_as_the_block_forward_uses_them
     assert not missing, _upgrade_hint(f"WanAttention (no {missing})")
     assert not getattr(a1, "fused_projections", False) or hasattr(a1, "to_qkv"), _upgrade_hint("fused projections")
     assert a1.heads == PRESET.dit.num_attention_heads
-    assert len(a1.to_out) >= 2 and isinstance(a1.to_out[0], torch.nn.Linear), (
-        _upgrade_hint("attn1.to_out (expected [Linear, Dropout])")
+    assert len(a1.to_out) >= 2 and isinstance(a1.to_out[0], torch.nn.Linear), _upgrade_hint(
+        "attn1.to_out (expected [Linear, Dropout])"
     )
     inner = PRESET.dit.num_attention_heads * PRESET.dit.attention_head_dim
     h = torch.randn(1, 4, inner)
@@ -131,8 +137,8 @@ def test_cross_attention_takes_text_positionally(transformer):
     from diffusers.models.transformers.transformer_wan import WanAttention
 
     params = list(inspect.signature(WanAttention.forward).parameters)[1:5]
-    assert params == ["hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb"], (
-        _upgrade_hint(f"WanAttention.forward's positional parameters (now {params})")
+    assert params == ["hidden_states", "encoder_hidden_states", "attention_mask", "rotary_emb"], _upgrade_hint(
+        f"WanAttention.forward's positional parameters (now {params})"
     )
     inner = PRESET.dit.num_attention_heads * PRESET.dit.attention_head_dim
     with torch.no_grad():
@@ -157,7 +163,9 @@ def test_decoder_conv_count_is_cached_under_the_name_the_streaming_decoder_reads
     counts = getattr(vae_module, "_cached_conv_counts", None)
     assert isinstance(counts, dict) and "decoder" in counts, _upgrade_hint("AutoencoderKLWan._cached_conv_counts")
     convs = sum(isinstance(m, WanCausalConv3d) for m in vae_module.decoder.modules())
-    assert counts["decoder"] == convs, _upgrade_hint("the meaning of _cached_conv_counts['decoder'] (one per causal conv)")
+    assert counts["decoder"] == convs, _upgrade_hint(
+        "the meaning of _cached_conv_counts['decoder'] (one per causal conv)"
+    )
     assert hasattr(vae_module, "post_quant_conv"), _upgrade_hint("AutoencoderKLWan.post_quant_conv")
 
 
@@ -185,21 +193,25 @@ def test_decoder_feat_cache_protocol(vae_module):
             walks.append(idx[0])
             assert len(cache) == n, _upgrade_hint("feat_cache's length (the decoder grew or shrank the list)")
             kinds = {type(c).__name__ for c in cache}
-            assert kinds <= {"NoneType", "str", "Tensor"} and all(c in (None, "Rep") for c in cache if isinstance(c, str)), (
-                _upgrade_hint(f"what feat_cache slots hold ({sorted(kinds)})")
-            )
+            assert kinds <= {"NoneType", "str", "Tensor"} and all(
+                c in (None, "Rep") for c in cache if isinstance(c, str)
+            ), _upgrade_hint(f"what feat_cache slots hold ({sorted(kinds)})")
             if frame == 0:
                 assert "Rep" in cache, _upgrade_hint("the 'Rep' marker of an upsampler's first frame")
-    assert 0 < walks[0] <= n and len(set(walks)) == 1, _upgrade_hint(f"the decoder's feat_idx walk {walks} (cache size {n})")
-    assert "Rep" not in cache and all(isinstance(c, torch.Tensor) for c in cache[: walks[0]]), (
-        _upgrade_hint("feat_cache after several frames (every visited conv holds its state)")
+    assert 0 < walks[0] <= n and len(set(walks)) == 1, _upgrade_hint(
+        f"the decoder's feat_idx walk {walks} (cache size {n})"
     )
-    assert outs[0].shape[2] == 1 and outs[1].shape[2] == PRESET.vae.scale_factor_temporal, (
-        _upgrade_hint("the decoder's frames per latent frame (1 for the first, 4 after)")
+    assert "Rep" not in cache and all(isinstance(c, torch.Tensor) for c in cache[: walks[0]]), _upgrade_hint(
+        "feat_cache after several frames (every visited conv holds its state)"
+    )
+    assert outs[0].shape[2] == 1 and outs[1].shape[2] == PRESET.vae.scale_factor_temporal, _upgrade_hint(
+        "the decoder's frames per latent frame (1 for the first, 4 after)"
     )
     pixels = unpatchify(outs[1], patch_size=PRESET.vae.patch_size)
     s = PRESET.vae.scale_factor_spatial
-    assert pixels.shape[1] == 3 and tuple(pixels.shape[-2:]) == (h * s, w * s), _upgrade_hint("unpatchify's output layout")
+    assert pixels.shape[1] == 3 and tuple(pixels.shape[-2:]) == (h * s, w * s), _upgrade_hint(
+        "unpatchify's output layout"
+    )
 
 
 # ---- transformers -------------------------------------------------------------------------
@@ -212,8 +224,17 @@ def test_umt5_config_has_the_fields_the_text_encoder_reads():
 
     config = umt5_config(PRESET.text_encoder)
     assert isinstance(config, UMT5Config)
-    fields = ("d_model", "d_ff", "d_kv", "num_layers", "num_heads", "vocab_size",
-              "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj")
+    fields = (
+        "d_model",
+        "d_ff",
+        "d_kv",
+        "num_layers",
+        "num_heads",
+        "vocab_size",
+        "relative_attention_num_buckets",
+        "relative_attention_max_distance",
+        "feed_forward_proj",
+    )
     missing = [f for f in fields if not hasattr(config, f)]
     assert not missing, f"transformers {metadata.version('transformers')}: UMT5Config lost {missing}"
     params = inspect.signature(UMT5EncoderModel.forward).parameters

@@ -12,7 +12,7 @@ from services.eval.bench import BenchError, ChunkPlan, check_samples, load_bench
 from services.eval.compare import compare_reports, format_table
 from services.eval.config import DEFAULT_TOLERANCES, Tolerance
 from services.eval.smoke import write_smoke_bench
-from shared.storage import LocalStoreConfig, LocalObjectStore
+from shared.storage import LocalObjectStore, LocalStoreConfig
 
 
 def line(**kw) -> str:
@@ -85,7 +85,7 @@ def test_local_manifest_resolves_relative_paths_and_checks_images(tmp_path):
     with pytest.raises(BenchError, match="switch at chunk 1 but the video has 1 chunks"):
         check_samples(load_benchmark(tmp_path / "bad.jsonl"), ChunkPlan(), 81)
     (tmp_path / "missing.jsonl").write_text(line(reference="img/nope.png", garment="img/g.png"))
-    with pytest.raises(BenchError, match="nope.png"):
+    with pytest.raises(BenchError, match=r"nope\.png"):
         check_samples(load_benchmark(tmp_path / "missing.jsonl"), ChunkPlan(), 81)
 
 

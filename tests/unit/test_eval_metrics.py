@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.eval.config import MetricsConfig
+from services.eval.config import JudgeConfig, MetricsConfig
 from services.eval.metrics import flow, learned, quality
 from services.eval.metrics.base import MetricResult, SampleVideo, Segment, sample_indices
 from services.eval.scoring import Scorer
-from services.eval.config import JudgeConfig
 
 cv2 = pytest.importorskip("cv2")
 

@@ -29,8 +29,8 @@ from services.common.tensors import tensor_to_proto
 from services.launcher import start_redis_server
 from shared.config import AppConfig, AuthConfig, GeneratorConfig, ModelConfig
 from shared.models.presets import get_preset
-from shared.queue import CommandType, ControlCommand
-from shared.queue.config import RedisConfig
+from shared.sessionbus import CommandType, ControlCommand
+from shared.sessionbus.config import RedisConfig
 from shared.storage.config import StorageConfig
 
 KEY = "key-acme-0123456789"
@@ -92,16 +92,27 @@ def studio(tmp_path):
 def test_a_huge_image_does_not_stall_the_replica_event_loop(studio, huge_png, rpc):
     image = common_pb2.ImageInput(data=huge_png)
     if rpc == "CreateSession":
-        request = studio_pb2.CreateSessionRequest(reference=image, garment=common_pb2.ImageInput(data=small_png()),
-                                                  prompt="a person walks")
+        request = studio_pb2.CreateSessionRequest(
+            reference=image, garment=common_pb2.ImageInput(data=small_png()), prompt="a person walks"
+        )
     elif rpc == "SwitchGarment":
         request = studio_pb2.SwitchGarmentRequest(session_id="ses_" + "a" * 26, garment=image)
     else:
-        request = studio_pb2.SubmitClipsRequest(clips=[studio_pb2.ClipSpec(
-            reference=studio_pb2.ClipImage(image=image), prompt="a person walks", chunks=2, idempotency_key="c1",
-            garments=[studio_pb2.GarmentAt(chunk_index=0, garment=studio_pb2.ClipImage(
-                image=common_pb2.ImageInput(data=small_png())))],
-        )])
+        request = studio_pb2.SubmitClipsRequest(
+            clips=[
+                studio_pb2.ClipSpec(
+                    reference=studio_pb2.ClipImage(image=image),
+                    prompt="a person walks",
+                    chunks=2,
+                    idempotency_key="c1",
+                    garments=[
+                        studio_pb2.GarmentAt(
+                            chunk_index=0, garment=studio_pb2.ClipImage(image=common_pb2.ImageInput(data=small_png()))
+                        )
+                    ],
+                )
+            ]
+        )
 
     async def main():
         call = getattr(studio, rpc)(request, None, [("x-api-key", KEY)])
@@ -177,8 +188,13 @@ class _FakeDecoder(_Handle):
         async def decode(req):
             n = 9 if req.chunk_index == 0 else 12
             return decoder_pb2.DecodeChunkResponse(
-                session_id=req.session_id, chunk_index=req.chunk_index, fmp4=b"piece", num_frames=n,
-                first_frame_index=req.first_frame_index, mime_type="video/mp4", fps=24.0,
+                session_id=req.session_id,
+                chunk_index=req.chunk_index,
+                fmp4=b"piece",
+                num_frames=n,
+                first_frame_index=req.first_frame_index,
+                mime_type="video/mp4",
+                fps=24.0,
                 init_segment=b"init" if req.reset else b"",
             )
 
@@ -221,8 +237,9 @@ def test_generator_runs_no_torch_kernel_on_the_event_loop(redis_url):
     config = AppConfig(
         model=ModelConfig(preset="tiny"),
         redis=RedisConfig(url=redis_url, namespace="loop-test"),
-        generator=GeneratorConfig(realtime=False, max_client_lag_chunks=100, reaper_interval_s=0.2,
-                                  kv_cache_budget_bytes=2**30),
+        generator=GeneratorConfig(
+            realtime=False, max_client_lag_chunks=100, reaper_interval_s=0.2, kv_cache_budget_bytes=2**30
+        ),
     )
     lh, lw = preset.latent_hw()
     g = torch.Generator().manual_seed(0)
@@ -231,11 +248,17 @@ def test_generator_runs_no_torch_kernel_on_the_event_loop(redis_url):
     n_chunks = 5
 
     async def scenario():
-        service = GeneratorService(config.for_deployment("generator").to_json(),
-                                   _FakeDecoder(latent), _FakeEncoder(latent, embedding))
+        service = GeneratorService(
+            config.for_deployment("generator").to_json(), _FakeDecoder(latent), _FakeEncoder(latent, embedding)
+        )
         state = generator_pb2.SessionState(
-            session_id="ses_" + "b" * 26, seed=3, reference_latent=latent, garment_latent=latent,
-            garment_id="g1", prompt_embedding=embedding, prompt="a person walks",
+            session_id="ses_" + "b" * 26,
+            seed=3,
+            reference_latent=latent,
+            garment_latent=latent,
+            garment_id="g1",
+            prompt_embedding=embedding,
+            prompt="a person walks",
         )
         kernels = _LoopThreadKernels()
         with kernels:  # from here on, any torch kernel on this (the loop's) thread is recorded
@@ -245,10 +268,14 @@ def test_generator_runs_no_torch_kernel_on_the_event_loop(redis_url):
             while runner.session.chunk_index < 2:  # switch with disentangle: after chunks went out
                 await asyncio.sleep(0.01)
             control = service.registry.control(state.session_id)
-            await control.send(ControlCommand(type=CommandType.SWITCH_GARMENT,
-                                              payload={"garment_key": "uploads/acme/x", "garment_id": "g2"}))
-            await control.send(ControlCommand(type=CommandType.UPDATE_PROMPT,
-                                              payload={"prompt": "the person turns", "revision": 1}))
+            await control.send(
+                ControlCommand(
+                    type=CommandType.SWITCH_GARMENT, payload={"garment_key": "uploads/acme/x", "garment_id": "g2"}
+                )
+            )
+            await control.send(
+                ControlCommand(type=CommandType.UPDATE_PROMPT, payload={"prompt": "the person turns", "revision": 1})
+            )
             await asyncio.wait_for(task, timeout=120)
         service._background.cancel()
         return kernels.ops, runner

@@ -20,9 +20,9 @@ from services.generator import service as gen
 from services.generator.service import GeneratorService, SessionRunner
 from shared.config import AppConfig, GeneratorConfig
 from shared.models.presets import get_preset
-from shared.queue import SessionState, StreamEnded
-from shared.queue.sessions import InvalidTransition
 from shared.runtime.session import SwitchOptions
+from shared.sessionbus import SessionState, StreamEnded
+from shared.sessionbus.sessions import InvalidTransition
 
 TINY = get_preset("tiny")
 SESSION_BYTES = 1000
@@ -33,7 +33,7 @@ class _FakeStreamingSession:
         self.preset = TINY
         self.chunk_index = 0
 
-    def open(self, *args):
+    def open_latents(self, *args):
         pass
 
     def close(self):
@@ -62,11 +62,12 @@ def _service(monkeypatch, registry: _Registry, max_sessions: int = 4) -> Generat
     async def parked(self):  # the session loop is not under test here
         await asyncio.sleep(3600)
 
-    monkeypatch.setattr(gen, "StreamingSession", _FakeStreamingSession)
     monkeypatch.setattr(SessionRunner, "run", parked)
     svc = object.__new__(GeneratorService)
     svc.config = AppConfig(generator=GeneratorConfig(recovery=False, max_sessions=max_sessions))
-    svc.engine = SimpleNamespace(preset=TINY, dit=None, device=torch.device("cpu"), dtype=torch.float32, rope=None)
+    svc.engine = SimpleNamespace(
+        preset=TINY, dit=None, device=torch.device("cpu"), dtype=torch.float32, rope=None, session=_FakeStreamingSession
+    )
     svc.spec = SimpleNamespace(bytes=SESSION_BYTES)
     svc.budget = 100 * SESSION_BYTES
     svc.runners, svc._admitting = {}, set()
@@ -84,8 +85,15 @@ def _state(sid: str, **fields) -> generator_pb2.SessionState:
     shape = (1, TINY.dit.in_channels, 1, *TINY.latent_hw())
     latent = tensor_to_proto(torch.zeros(shape))
     text = tensor_to_proto(torch.zeros(1, 4, 16))  # pad_text_embedding is stubbed below
-    return generator_pb2.SessionState(session_id=sid, seed=1, reference_latent=latent, garment_latent=latent,
-                                      prompt_embedding=text, prompt="p", **fields)
+    return generator_pb2.SessionState(
+        session_id=sid,
+        seed=1,
+        reference_latent=latent,
+        garment_latent=latent,
+        prompt_embedding=text,
+        prompt="p",
+        **fields,
+    )
 
 
 def _open(svc, sid, meta=None, **fields):
@@ -119,7 +127,7 @@ def test_a_failed_open_gives_its_slot_back(monkeypatch):
         def boom(self, *args):
             raise RuntimeError("cond forward failed")
 
-        monkeypatch.setattr(_FakeStreamingSession, "open", boom)
+        monkeypatch.setattr(_FakeStreamingSession, "open_latents", boom)
         with pytest.raises(RuntimeError):
             await _open(svc, "ses_a")
         assert not svc._admitting and svc.capacity().active_sessions == 0
@@ -134,8 +142,10 @@ def test_preset_size_and_duration_options(monkeypatch):
         st = TINY.streaming
         with pytest.raises(InvalidArgument) as err:
             await _open(svc, "ses_p", {"requested_preset": "wan9000"})
-        assert err.value.reason == "PRESET_UNAVAILABLE" and err.value.metadata == {"preset": "wan9000",
-                                                                                      "served": TINY.name}
+        assert err.value.reason == "PRESET_UNAVAILABLE" and err.value.metadata == {
+            "preset": "wan9000",
+            "served": TINY.name,
+        }
         await _open(svc, "ses_t", {"requested_preset": TINY.name})
         await _open(svc, "ses_w", width=st.width)  # one side alone: the other takes the default
         await _open(svc, "ses_h", height=st.height)
@@ -192,9 +202,9 @@ class _LoopSession:
         self.preset = TINY
         self.chunk_index = 0
 
-    def next_chunk(self):
+    def generate(self):
         self.chunk_index += 1
-        return torch.zeros(1, 2, 3, 2, 2)
+        return SimpleNamespace(latents=torch.zeros(1, 2, 3, 2, 2), switched=False, prompt_updated=False)
 
     def close(self):
         pass
@@ -227,7 +237,7 @@ def test_a_close_racing_a_publish_is_not_a_failure(caplog):
                 return self
 
             @property
-            def DecodeChunk(self):  # noqa: N802
+            def DecodeChunk(self):
                 return SimpleNamespace(remote=lambda request: decoded())
 
         async def finish(runner):
@@ -237,11 +247,20 @@ def test_a_close_racing_a_publish_is_not_a_failure(caplog):
         async def compute():
             yield
 
-        registry = SimpleNamespace(get=get, set_state=set_state, control=lambda *a, **k: SimpleNamespace(read=read),
-                                   output=lambda sid: SimpleNamespace(append=append))
+        registry = SimpleNamespace(
+            get=get,
+            set_state=set_state,
+            control=lambda *a, **k: SimpleNamespace(read=read),
+            output=lambda sid: SimpleNamespace(append=append),
+        )
         svc = SimpleNamespace(
-            config=AppConfig(generator=GeneratorConfig(realtime=False, recovery=False)), registry=registry,
-            metrics=MagicMock(), decoder=_Decoder(), compute=compute, finish=finish, redis=MagicMock(),
+            config=AppConfig(generator=GeneratorConfig(realtime=False, recovery=False)),
+            registry=registry,
+            metrics=MagicMock(),
+            decoder=_Decoder(),
+            compute=compute,
+            finish=finish,
+            redis=MagicMock(),
         )
         runner = SessionRunner(svc, "ses_r", "acme", _LoopSession(), "g", SwitchOptions(), max_chunks=10)
         with caplog.at_level(logging.INFO, logger="services.generator.service"):

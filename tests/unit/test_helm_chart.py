@@ -25,10 +25,9 @@ helm = pytest.importorskip(
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate (bundled Kubernetes JSON schemas) is not installed"
 )
-import jsonschema  # noqa: E402 - a dependency of kubernetes-validate
-
-from ray.serve.config import AutoscalingConfig  # noqa: E402
-from ray.serve.schema import (  # noqa: E402
+import jsonschema
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import (
     DeploymentSchema,
     RayActorOptionsSchema,
     ServeApplicationSchema,
@@ -36,9 +35,9 @@ from ray.serve.schema import (  # noqa: E402
     gRPCOptionsSchema,
 )
 
-from services.app import DEPLOYMENTS, STUDIO_SERVICER  # noqa: E402
-from services.serve_entry import config_from_env  # noqa: E402
-from shared.telemetry.metrics import METRICS, MetricKind  # noqa: E402
+from services.app import DEPLOYMENTS, HEALTH_SERVICER, STUDIO_SERVICER
+from services.serve_entry import config_from_env
+from shared.telemetry.metrics import METRICS, MetricKind
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "fashionchameleon"
@@ -65,7 +64,7 @@ def scenario_values(scenario: str) -> dict:
     return yaml.safe_load((CHART / "ci" / f"{scenario}.yaml").read_text()) or {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _chart():
     return helm.Chart.load(str(CHART))
 
@@ -74,7 +73,7 @@ def render(values: dict | None = None, *, name: str = "fc") -> dict[str, str]:
     return _chart().render(values or {}, name=name, namespace=NAMESPACE, is_install=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rendered(scenario: str) -> tuple[dict, ...]:
     docs = []
     for template, text in render(scenario_values(scenario)).items():
@@ -115,7 +114,9 @@ def env_of(container: dict) -> dict:
     """Plain env values, and a marker for secret-sourced ones."""
     out = {}
     for e in container.get("env", []):
-        out[e["name"]] = e["value"] if "value" in e else ("<secret>" if "secretKeyRef" in e.get("valueFrom", {}) else "<ref>")
+        out[e["name"]] = (
+            e["value"] if "value" in e else ("<secret>" if "secretKeyRef" in e.get("valueFrom", {}) else "<ref>")
+        )
     return out
 
 
@@ -149,7 +150,9 @@ def test_scenario_renders_expected_kinds(scenario):
     kinds = {d["kind"] for d in manifests(scenario)}
     assert {"RayService", "ConfigMap"} <= kinds
     values = _chart().merge_values(scenario_values(scenario))
-    assert ("StatefulSet" in kinds) == (values["redis"]["bundled"]["enabled"] or values["objectStore"]["bundled"]["enabled"])
+    assert ("StatefulSet" in kinds) == (
+        values["redis"]["bundled"]["enabled"] or values["objectStore"]["bundled"]["enabled"]
+    )
     assert ("PodMonitor" in kinds) == values["monitoring"]["podMonitor"]["enabled"]
     assert ("PrometheusRule" in kinds) == values["monitoring"]["prometheusRule"]["enabled"]
     assert ("NetworkPolicy" in kinds) == values["networkPolicy"]["enabled"]
@@ -162,7 +165,7 @@ def test_scenario_renders_expected_kinds(scenario):
 # --- Kubernetes and CRD schemas -----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_validator(api_version: str, kind: str) -> jsonschema.Draft202012Validator:
     group = api_version.split("/")[0].split(".")[0]
     version = api_version.split("/")[-1]
@@ -177,7 +180,9 @@ def _validate_builtin(doc: dict) -> None:
     try:
         kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     except kubernetes_validate.ValidationError as e:
-        raise AssertionError(f"{doc['kind']}/{doc['metadata'].get('name')}: {'/'.join(map(str, e.path))}: {e.message}")
+        raise AssertionError(
+            f"{doc['kind']}/{doc['metadata'].get('name')}: {'/'.join(map(str, e.path))}: {e.message}"
+        ) from e
 
 
 def _validate_pod_template(name: str, template: dict) -> None:
@@ -229,11 +234,17 @@ def test_serve_config_is_a_valid_serve_deploy_schema(scenario):
         unknown += _unknown_keys(app, ServeApplicationSchema, "application")
         for dep in app["deployments"]:
             unknown += _unknown_keys(dep, DeploymentSchema, dep["name"])
-            unknown += _unknown_keys(dep["ray_actor_options"], RayActorOptionsSchema, f"{dep['name']}.ray_actor_options")
+            unknown += _unknown_keys(
+                dep["ray_actor_options"], RayActorOptionsSchema, f"{dep['name']}.ray_actor_options"
+            )
             if "autoscaling_config" in dep:
-                unknown += _unknown_keys(dep["autoscaling_config"], AutoscalingConfig, f"{dep['name']}.autoscaling_config")
+                unknown += _unknown_keys(
+                    dep["autoscaling_config"], AutoscalingConfig, f"{dep['name']}.autoscaling_config"
+                )
         assert not unknown, f"keys Ray Serve would ignore: {unknown}"
-        assert parsed.grpc_options.grpc_servicer_functions == [STUDIO_SERVICER]
+        # grpc.health.v1.Health is routed to the Studio ingress; reflection lists both services
+        assert parsed.grpc_options.grpc_servicer_functions == [STUDIO_SERVICER, HEALTH_SERVICER]
+        assert cfg["grpc_options"]["enable_reflection"] is True
         assert parsed.grpc_options.port == _chart().merge_values(scenario_values(scenario))["serve"]["grpcPort"]
         (application,) = parsed.applications
         assert application.import_path == "services.serve_entry:app"
@@ -263,7 +274,7 @@ def test_serve_entry_import_path_resolves_to_an_app_builder():
     import importlib
     import inspect
 
-    module, attr = "services.serve_entry:app".split(":")
+    module, attr = ["services.serve_entry", "app"]
     builder = getattr(importlib.import_module(module), attr)
     assert inspect.isfunction(builder) and len(inspect.signature(builder).parameters) == 1
     with pytest.raises(ValueError, match="takes no Serve args"):
@@ -283,7 +294,10 @@ def test_serve_options_follow_values(scenario):
             # "auto" (not an int) is what lets the config's autoscaling replace build_app's num_replicas.
             assert dep["num_replicas"] == "auto"
             a = dep["autoscaling_config"]
-            assert (a["min_replicas"], a["max_replicas"]) == (v["autoscaling"]["minReplicas"], v["autoscaling"]["maxReplicas"])
+            assert (a["min_replicas"], a["max_replicas"]) == (
+                v["autoscaling"]["minReplicas"],
+                v["autoscaling"]["maxReplicas"],
+            )
             assert a["target_ongoing_requests"] == v["autoscaling"]["targetOngoingRequests"]
         elif v.get("replicas") is None:  # the code's own replicas/autoscaling stay in force
             assert "num_replicas" not in dep and "autoscaling_config" not in dep
@@ -307,10 +321,16 @@ def test_pods_get_a_valid_app_config_and_secrets_only_by_reference(scenario):
                 if "FASHIONCHAMELEON_CONFIG" not in env:
                     continue
                 # No secret is ever inlined: they all come from secretKeyRef.
-                for secret in ("FASHIONCHAMELEON_API_KEYS", "FASHIONCHAMELEON_S3_ACCESS_KEY", "FASHIONCHAMELEON_S3_SECRET_KEY"):
+                for secret in (
+                    "FASHIONCHAMELEON_API_KEYS",
+                    "FASHIONCHAMELEON_S3_ACCESS_KEY",
+                    "FASHIONCHAMELEON_S3_SECRET_KEY",
+                ):
                     assert env.get(secret, "<secret>") == "<secret>", f"{group}/{c['name']}: {secret} inlined"
                 if env.get("FASHIONCHAMELEON_REDIS_URL", "<secret>") != "<secret>":
-                    assert "@" not in env["FASHIONCHAMELEON_REDIS_URL"], "a Redis URL with credentials must come from a Secret"
+                    assert "@" not in env["FASHIONCHAMELEON_REDIS_URL"], (
+                        "a Redis URL with credentials must come from a Secret"
+                    )
                 raw = json.loads(env["FASHIONCHAMELEON_CONFIG"])
                 assert "auth" not in raw and "access_key" not in raw["storage"]["s3"]
                 config = config_from_env({**FAKE_SECRET_ENV, "FASHIONCHAMELEON_CONFIG": env["FASHIONCHAMELEON_CONFIG"]})
@@ -318,7 +338,9 @@ def test_pods_get_a_valid_app_config_and_secrets_only_by_reference(scenario):
                 assert config.auth.key_to_tenant() == {"key-acme-0123456789": "acme"}
                 assert config.serve.grpc_port == values["serve"]["grpcPort"]
                 for name in ("generator", "decoder", "encoder"):
-                    assert getattr(config.serve, f"{name}_gpus") == gpus[name], "code and serveConfigV2 disagree on GPUs"
+                    assert getattr(config.serve, f"{name}_gpus") == gpus[name], (
+                        "code and serveConfigV2 disagree on GPUs"
+                    )
                 if checkpoint_id == "none":
                     assert config.model.checkpoint is None
                 else:
@@ -370,18 +392,28 @@ def test_canary_is_a_second_rayservice_with_a_weighted_grpc_route():
     gpu = {g["groupName"]: g for g in canary["spec"]["rayClusterConfig"]["workerGroupSpecs"]}["gpu"]
     assert (gpu["minReplicas"], gpu["maxReplicas"]) == (1, 3)
     # Both share Redis (sessions, control streams) so per-call routing may mix them.
-    assert json.loads(env_of(pod_templates(stable)[0][1]["spec"]["containers"][0])["FASHIONCHAMELEON_CONFIG"])["redis"] == \
-        json.loads(env_of(pod_templates(canary)[0][1]["spec"]["containers"][0])["FASHIONCHAMELEON_CONFIG"])["redis"]
+    assert (
+        json.loads(env_of(pod_templates(stable)[0][1]["spec"]["containers"][0])["FASHIONCHAMELEON_CONFIG"])["redis"]
+        == json.loads(env_of(pod_templates(canary)[0][1]["spec"]["containers"][0])["FASHIONCHAMELEON_CONFIG"])["redis"]
+    )
     (route,) = [d for d in docs if d["kind"] == "GRPCRoute"]
     refs = {r["name"]: r for r in route["spec"]["rules"][0]["backendRefs"]}
     assert refs == {
-        stable["spec"]["serveService"]["metadata"]["name"]: {**refs[stable["spec"]["serveService"]["metadata"]["name"]], "weight": 90},
-        canary["spec"]["serveService"]["metadata"]["name"]: {**refs[canary["spec"]["serveService"]["metadata"]["name"]], "weight": 10},
+        stable["spec"]["serveService"]["metadata"]["name"]: {
+            **refs[stable["spec"]["serveService"]["metadata"]["name"]],
+            "weight": 90,
+        },
+        canary["spec"]["serveService"]["metadata"]["name"]: {
+            **refs[canary["spec"]["serveService"]["metadata"]["name"]],
+            "weight": 10,
+        },
     }
 
 
 def test_canary_through_ingress_nginx():
-    out = render({"ingress": {"enabled": True}, "canary": {"enabled": True, "weight": 25, "checkpoint": {"id": "next"}}})
+    out = render(
+        {"ingress": {"enabled": True}, "canary": {"enabled": True, "weight": 25, "checkpoint": {"id": "next"}}}
+    )
     ingresses = [d for d in yaml.safe_load_all(out["fashionchameleon/templates/ingress.yaml"]) if d]
     by_variant = {i["metadata"]["labels"]["fashionchameleon.io/variant"]: i for i in ingresses}
     assert by_variant["stable"]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
@@ -407,6 +439,43 @@ def test_grpc_entry_is_the_kuberay_serve_service_on_the_studio_port(scenario):
             assert names["grpc"] == values["serve"]["grpcPort"] and names["http"] == values["serve"]["httpPort"]
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_workers_are_ready_by_grpc_health_on_the_studio_port(scenario):
+    """Probes of the gRPC port use the standard gRPC health protocol (kubelet's `grpc:` probe)
+    for the Studio service; the head keeps KubeRay's own probes (KubeRay deploys the Serve app
+    only once the head is ready, so a probe on the app there would never pass)."""
+    values = _chart().merge_values(scenario_values(scenario))
+    for rs in rayservices(scenario):
+        for group, template in pod_templates(rs):
+            (ray,) = template["spec"]["containers"]
+            if group == "head":
+                assert "readinessProbe" not in ray and "livenessProbe" not in ray
+                continue
+            probe = ray["readinessProbe"]
+            assert probe["grpc"] == {"port": values["serve"]["grpcPort"], "service": "fashionchameleon.v1.Studio"}
+            timing = {"initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"}
+            assert set(probe) - {"grpc"} <= timing
+            assert probe["timeoutSeconds"] < probe["periodSeconds"]
+            # liveness stays KubeRay's (raylet health): a Studio outage must not restart pods
+            assert "livenessProbe" not in ray
+        for doc in manifests(scenario):
+            for c in _all_containers(doc):
+                for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+                    p = c.get(kind) or {}
+                    port = (p.get("tcpSocket") or p.get("httpGet") or {}).get("port")
+                    assert port not in (values["serve"]["grpcPort"], "grpc"), (
+                        f"{c['name']} {kind} probes the gRPC port without gRPC health"
+                    )
+
+
+def _all_containers(doc: dict) -> list[dict]:
+    """Every container of a rendered manifest (Deployments, StatefulSets, RayService pods)."""
+    if doc.get("kind") == "RayService":
+        return [c for _, t in pod_templates(doc) for c in containers(t)]
+    template = (doc.get("spec") or {}).get("template")
+    return containers(template) if template and "spec" in template else []
+
+
 # --- observability ------------------------------------------------------------------------
 
 _METRIC_REF = re.compile(r"\bray_(fashionchameleon_[a-z0-9_]+)")
@@ -416,7 +485,11 @@ def _catalog_name(name: str) -> str:
     for spec in METRICS.values():
         if name == spec.name:
             return name
-        if spec.kind is MetricKind.HISTOGRAM and name in (f"{spec.name}_bucket", f"{spec.name}_sum", f"{spec.name}_count"):
+        if spec.kind is MetricKind.HISTOGRAM and name in (
+            f"{spec.name}_bucket",
+            f"{spec.name}_sum",
+            f"{spec.name}_count",
+        ):
             return spec.name
     raise AssertionError(f"ray_{name} is not in shared/telemetry/metrics.py")
 
@@ -427,8 +500,14 @@ def test_alerts_and_dashboard_use_real_metric_names():
     dashboard = json.loads((CHART / "dashboards" / "fashionchameleon.json").read_text())
     panel_exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {_catalog_name(m) for e in exprs + panel_exprs for m in _METRIC_REF.findall(e)}
-    for wanted in ("time_to_first_chunk_seconds", "garment_switch_latency_seconds", "rejections_total",
-                   "job_queue_depth", "job_latency_seconds", "jobs_dead_lettered_total"):
+    for wanted in (
+        "time_to_first_chunk_seconds",
+        "garment_switch_latency_seconds",
+        "rejections_total",
+        "job_queue_depth",
+        "job_latency_seconds",
+        "jobs_dead_lettered_total",
+    ):
         assert METRICS[wanted].name in used, wanted
     for expr in exprs + panel_exprs:
         assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
@@ -440,8 +519,15 @@ def test_alerts_and_dashboard_use_real_metric_names():
 def test_alerts_cover_the_sre_signals():
     (rule,) = manifests("default", "PrometheusRule")
     alerts = {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    for alert in ("TimeToFirstChunkP99High", "GarmentSwitchLatencyP99High", "CapacityRejections", "JobQueueAgeHigh",
-                  "JobQueueStalled", "JobsDeadLettered", "ReplicaRestarts"):
+    for alert in (
+        "TimeToFirstChunkP99High",
+        "GarmentSwitchLatencyP99High",
+        "CapacityRejections",
+        "JobQueueAgeHigh",
+        "JobQueueStalled",
+        "JobsDeadLettered",
+        "ReplicaRestarts",
+    ):
         rule_ = alerts[f"FashionChameleon{alert}"]
         assert rule_["labels"]["severity"] in ("page", "warning")
         anchor = rule_["annotations"]["runbook_url"].split("#")[1]
@@ -511,7 +597,10 @@ def test_gpu_groups_request_gpus_and_cpu_groups_do_not(scenario):
             (ray,) = spec["template"]["spec"]["containers"]
             limit = ray["resources"].get("limits", {}).get("nvidia.com/gpu")
             if groups[spec["groupName"]]["type"] == "gpu":
-                assert limit == groups[spec["groupName"]]["gpus"] and ray["resources"]["requests"]["nvidia.com/gpu"] == limit
+                assert (
+                    limit == groups[spec["groupName"]]["gpus"]
+                    and ray["resources"]["requests"]["nvidia.com/gpu"] == limit
+                )
             else:
                 assert limit is None
 
@@ -536,7 +625,10 @@ def test_network_policies_expose_only_grpc_and_metrics():
     for rule in ray["spec"]["ingress"]:
         sources = rule.get("from")
         same_release = sources and all("podSelector" in s and "namespaceSelector" not in s for s in sources)
-        operator = sources and all(s.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "kuberay-operator" for s in sources)
+        operator = sources and all(
+            s.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name") == "kuberay-operator"
+            for s in sources
+        )
         if not same_release and not operator:
             external_ports |= {p["port"] for p in rule["ports"]}
     assert external_ports == {9000, 8080}
@@ -544,7 +636,10 @@ def test_network_policies_expose_only_grpc_and_metrics():
         (rule,) = policies[name]["spec"]["ingress"]
         assert [p["port"] for p in rule["ports"]] == [port]
         (source,) = rule["from"]
-        assert "namespaceSelector" not in source and source["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "fc"
+        assert (
+            "namespaceSelector" not in source
+            and source["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "fc"
+        )
 
 
 def test_pod_disruption_budgets_cover_each_worker_group():
@@ -560,7 +655,10 @@ def test_bundled_dependencies_generate_their_secrets():
     docs = manifests("cpu-dev-values")
     secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
     redis = secrets["fc-fashionchameleon-redis"]["stringData"]
-    assert redis["url"] == f"redis://:{redis['password']}@fc-fashionchameleon-redis:6379/0" and len(redis["password"]) == 32
+    assert (
+        redis["url"] == f"redis://:{redis['password']}@fc-fashionchameleon-redis:6379/0"
+        and len(redis["password"]) == 32
+    )
     s3 = secrets["fc-fashionchameleon-s3"]["stringData"]
     ident = json.loads(s3["s3.json"])["identities"][0]["credentials"][0]
     assert ident == {"accessKey": s3["access-key"], "secretKey": s3["secret-key"]}
@@ -576,8 +674,15 @@ def test_bundled_dependencies_generate_their_secrets():
 def test_schema_rejects_negative_replicas():
     msg = schema_error({"serve": {"deployments": {"generator": {"replicas": -1}}}})
     assert "/serve/deployments/generator/replicas" in msg and "minimum" in msg
-    msg = schema_error({"rayCluster": {"workerGroups": [
-        {"name": "gpu", "type": "gpu", "gpus": 1, "replicas": -2, "minReplicas": 0, "maxReplicas": 2}]}})
+    msg = schema_error(
+        {
+            "rayCluster": {
+                "workerGroups": [
+                    {"name": "gpu", "type": "gpu", "gpus": 1, "replicas": -2, "minReplicas": 0, "maxReplicas": 2}
+                ]
+            }
+        }
+    )
     assert "/rayCluster/workerGroups/0/replicas" in msg
 
 
@@ -599,10 +704,13 @@ def test_schema_rejects_gpus_on_a_cpu_group():
     group = {"name": "cpu", "type": "cpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 1}
     msg = schema_error({"rayCluster": {"workerGroups": [{**group, "gpus": 1}]}})
     assert "/rayCluster/workerGroups/0/gpus" in msg and "must be 0" in msg
-    msg = schema_error({"rayCluster": {"workerGroups": [{**group, "gpus": 0, "resources": {"limits": {"nvidia.com/gpu": 1}}}]}})
+    msg = schema_error(
+        {"rayCluster": {"workerGroups": [{**group, "gpus": 0, "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}
+    )
     assert "/rayCluster/workerGroups/0/resources/limits" in msg
     assert "/rayCluster/workerGroups/0/gpus" in schema_error(
-        {"rayCluster": {"workerGroups": [{**group, "type": "gpu", "gpus": 0}]}})
+        {"rayCluster": {"workerGroups": [{**group, "type": "gpu", "gpus": 0}]}}
+    )
 
 
 def test_schema_rejects_unknown_keys_and_bad_types():
@@ -613,15 +721,30 @@ def test_schema_rejects_unknown_keys_and_bad_types():
 
 
 def test_templates_reject_inconsistent_values_with_a_readable_message():
-    cpu_only = {"rayCluster": {"workerGroups": [
-        {"name": "cpu", "type": "cpu", "gpus": 0, "replicas": 1, "minReplicas": 1, "maxReplicas": 1}]}}
-    with pytest.raises(helm.HelmError, match=r"serve\.deployments\.\w+\.numGpus is .* no rayCluster\.workerGroups entry has gpus > 0"):
+    cpu_only = {
+        "rayCluster": {
+            "workerGroups": [
+                {"name": "cpu", "type": "cpu", "gpus": 0, "replicas": 1, "minReplicas": 1, "maxReplicas": 1}
+            ]
+        }
+    }
+    with pytest.raises(
+        helm.HelmError, match=r"serve\.deployments\.\w+\.numGpus is .* no rayCluster\.workerGroups entry has gpus > 0"
+    ):
         render(cpu_only)
     with pytest.raises(helm.HelmError, match=r"minReplicas 3 > maxReplicas 2"):
-        render({"serve": {"deployments": {"generator": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}}}}})
-    with pytest.raises(helm.HelmError, match="canary.enabled needs ingress.enabled or gateway.enabled"):
+        render(
+            {
+                "serve": {
+                    "deployments": {"generator": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}}}
+                }
+            }
+        )
+    with pytest.raises(helm.HelmError, match=r"canary\.enabled needs ingress\.enabled or gateway\.enabled"):
         render({"canary": {"enabled": True}})
-    with pytest.raises(helm.HelmError, match=r"workerGroups\[0\] \(gpu\): terminationGracePeriodSeconds 660 .* at least 960"):
+    with pytest.raises(
+        helm.HelmError, match=r"workerGroups\[0\] \(gpu\): terminationGracePeriodSeconds 660 .* at least 960"
+    ):
         render({"serve": {"deployments": {"generator": {"gracefulShutdownTimeoutS": 900}}}})
     # KubeRay's proxy health checks probe 8000: the HTTP port is fixed.
     assert "/serve/httpPort" in schema_error({"serve": {"httpPort": 8080}})

@@ -33,9 +33,7 @@ FILES = {
 
 
 def read_tree(folder) -> dict[str, bytes]:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != MARKER
-    }
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file() and p.name != MARKER}
 
 
 def test_sync_copies_the_folder_atomically_and_is_idempotent(store, tmp_path):
@@ -84,8 +82,11 @@ def test_keep_prunes_least_recently_used_checkpoints(store, tmp_path):
 
 def test_main_reads_the_store_from_the_environment(store, tmp_path, capsys):
     put_checkpoint(store, "ckpt-1", FILES, prefix="models/")
-    env = {"FASHIONCHAMELEON_CONFIG": json.dumps(
-        {"storage": {"backend": "local", "local": {"root": str(tmp_path / "store")}}})}
+    env = {
+        "FASHIONCHAMELEON_CONFIG": json.dumps(
+            {"storage": {"backend": "local", "local": {"root": str(tmp_path / "store")}}}
+        )
+    }
     dest = tmp_path / "cache"
     argv = ["--checkpoint-id", "ckpt-1", "--dest", str(dest), "--prefix", "models/", "--keep", "3"]
     assert main(argv, env) == 0
@@ -122,5 +123,5 @@ def test_config_from_env_merges_s3_credentials_and_redis_and_keys(tmp_path):
 def test_config_from_env_refuses_half_or_misplaced_credentials():
     with pytest.raises(ValueError, match="set both"):
         config_from_env({"FASHIONCHAMELEON_CONFIG": json.dumps(S3_CONFIG), "FASHIONCHAMELEON_S3_ACCESS_KEY": "AK"})
-    with pytest.raises(ValueError, match="no storage.s3 section"):
+    with pytest.raises(ValueError, match=r"no storage\.s3 section"):
         config_from_env({"FASHIONCHAMELEON_S3_ACCESS_KEY": "AK", "FASHIONCHAMELEON_S3_SECRET_KEY": "SK"})

@@ -7,16 +7,17 @@ import asyncio
 import io
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
-from fashionchameleon.v1 import common_pb2, studio_pb2
 from PIL import Image
 from pydantic import ValidationError
 
-from services.cli import batch
-from services.cli.common import CliError, Parser
+from fashionchameleon.v1 import common_pb2, studio_pb2
 from services.common.errors import InvalidArgument, NotFound
+from services.common.validation import Limits
+from services.jobs import cli as batch
 from services.jobs.client import clip_spec
 from services.jobs.manifest import ManifestError, build_request, parse_manifest
 from services.jobs.scaling import QueueDepthPolicy, desired_workers
@@ -26,7 +27,7 @@ from services.jobs.validation import (
     parse_watch_jobs,
     validate_job_id,
 )
-from services.studio.validation import Limits
+from shared.cli import CliError, Parser
 from shared.jobs import (
     ClipSpec,
     GarmentAt,
@@ -52,8 +53,14 @@ def png_bytes(seed: int = 0) -> bytes:
 
 # ---- spec, ids, keys, config ------------------------------------------------------------------
 def spec(**kw) -> ClipSpec:
-    base = dict(reference_key="uploads/acme/ref", garments=(GarmentAt(chunk_index=0, object_key="uploads/acme/g"),),
-                prompt="walks", chunks=3, seed=1, idempotency_key="k1")
+    base = dict(
+        reference_key="uploads/acme/ref",
+        garments=(GarmentAt(chunk_index=0, object_key="uploads/acme/g"),),
+        prompt="walks",
+        chunks=3,
+        seed=1,
+        idempotency_key="k1",
+    )
     return ClipSpec(**{**base, **kw})
 
 
@@ -73,11 +80,14 @@ def test_spec_hash_covers_the_video_not_the_labels():
     assert keys.video.startswith(f"jobs/acme/job_x/{spec().spec_hash[:16]}/") and keys.video.endswith("clip.mp4")
 
 
-@pytest.mark.parametrize("garments, chunks", [
-    ((GarmentAt(chunk_index=1, object_key="a"),), 3),  # does not start at 0
-    ((GarmentAt(chunk_index=0, object_key="a"), GarmentAt(chunk_index=0, object_key="b")), 3),  # not increasing
-    ((GarmentAt(chunk_index=0, object_key="a"), GarmentAt(chunk_index=3, object_key="b")), 3),  # past the end
-])
+@pytest.mark.parametrize(
+    "garments, chunks",
+    [
+        ((GarmentAt(chunk_index=1, object_key="a"),), 3),  # does not start at 0
+        ((GarmentAt(chunk_index=0, object_key="a"), GarmentAt(chunk_index=0, object_key="b")), 3),  # not increasing
+        ((GarmentAt(chunk_index=0, object_key="a"), GarmentAt(chunk_index=3, object_key="b")), 3),  # past the end
+    ],
+)
 def test_spec_refuses_bad_schedules(garments, chunks):
     with pytest.raises(ValidationError):
         spec(garments=garments, chunks=chunks)
@@ -105,39 +115,46 @@ def test_page_tokens_round_trip_and_reject_garbage():
 
 # ---- request validation ---------------------------------------------------------------------
 def request(*clips, shared=()) -> studio_pb2.SubmitClipsRequest:
-    return studio_pb2.SubmitClipsRequest(clips=list(clips), shared_images=[common_pb2.ImageInput(data=d) for d in shared])
+    return studio_pb2.SubmitClipsRequest(
+        clips=list(clips), shared_images=[common_pb2.ImageInput(data=d) for d in shared]
+    )
 
 
 def good_clip(key="k", **kw) -> studio_pb2.ClipSpec:
-    args = dict(reference=0, garments=[(0, "catalog:sku-1"), (2, "object:uploads/acme/g")], prompt="walks",
-                chunks=3, key=key)
+    args = dict(
+        reference=0, garments=[(0, "catalog:sku-1"), (2, "object:uploads/acme/g")], prompt="walks", chunks=3, key=key
+    )
     args.update(kw)
     return clip_spec(**args)
 
 
 def test_submit_validation_accepts_shared_catalog_and_object_images():
-    clips = parse_submit_clips(request(good_clip("a"), good_clip("b", seed=5), shared=[png_bytes()]), LIMITS, JOBS,
-                               tenant="acme")
+    clips = parse_submit_clips(
+        request(good_clip("a"), good_clip("b", seed=5), shared=[png_bytes()]), LIMITS, JOBS, tenant="acme"
+    )
     assert [c.idempotency_key for c in clips] == ["a", "b"]
     assert clips[0].reference is clips[1].reference and clips[0].reference.sha256
     assert clips[0].seed is None and clips[1].seed == 5
     assert [(k, g.source) for k, g in clips[0].garments] == [(0, "catalog_id"), (2, "object_key")]
 
 
-@pytest.mark.parametrize("clip, field", [
-    (good_clip(key=""), "clips[1].idempotency_key"),
-    (good_clip(key="has space"), "clips[1].idempotency_key"),
-    (good_clip(chunks=0), "clips[1].chunks"),
-    (good_clip(prompt="  "), "clips[1].prompt"),
-    (good_clip(reference=5), "clips[1].reference.shared_index"),
-    (good_clip(reference=b"not an image"), "clips[1].reference.image.data"),
-    (good_clip(garments=[(1, "catalog:sku-1")]), "clips[1].garments[0].chunk_index"),
-    (good_clip(garments=[(0, "catalog:a"), (0, "catalog:b")]), "clips[1].garments[1].chunk_index"),
-    (good_clip(garments=[(0, "catalog:a"), (3, "catalog:b")]), "clips[1].garments[1].chunk_index"),
-    (good_clip(garments=[(0, "catalog:NOT A SLUG")]), "clips[1].garments[0].garment.image.catalog_id"),
-    (good_clip(garments=[]), "clips[1].garments"),
-    (good_clip(labels={"bad key!": "x"}), "clips[1].labels"),
-])
+@pytest.mark.parametrize(
+    "clip, field",
+    [
+        (good_clip(key=""), "clips[1].idempotency_key"),
+        (good_clip(key="has space"), "clips[1].idempotency_key"),
+        (good_clip(chunks=0), "clips[1].chunks"),
+        (good_clip(prompt="  "), "clips[1].prompt"),
+        (good_clip(reference=5), "clips[1].reference.shared_index"),
+        (good_clip(reference=b"not an image"), "clips[1].reference.image.data"),
+        (good_clip(garments=[(1, "catalog:sku-1")]), "clips[1].garments[0].chunk_index"),
+        (good_clip(garments=[(0, "catalog:a"), (0, "catalog:b")]), "clips[1].garments[1].chunk_index"),
+        (good_clip(garments=[(0, "catalog:a"), (3, "catalog:b")]), "clips[1].garments[1].chunk_index"),
+        (good_clip(garments=[(0, "catalog:NOT A SLUG")]), "clips[1].garments[0].garment.image.catalog_id"),
+        (good_clip(garments=[]), "clips[1].garments"),
+        (good_clip(labels={"bad key!": "x"}), "clips[1].labels"),
+    ],
+)
 def test_submit_validation_names_the_clip_and_field(clip, field):
     with pytest.raises(InvalidArgument) as err:
         parse_submit_clips(request(good_clip("ok"), clip, shared=[png_bytes()]), LIMITS, JOBS, tenant="acme")
@@ -180,20 +197,21 @@ def images(tmp_path: Path) -> Path:
 
 
 def line(**fields) -> str:
-    base = {"reference": "anna.png", "garments": [[0, "red.png"], [2, "catalog:sku-9"]], "prompt": "walks",
-            "chunks": 4}
+    base = {"reference": "anna.png", "garments": [[0, "red.png"], [2, "catalog:sku-9"]], "prompt": "walks", "chunks": 4}
     base.update(fields)
     return json.dumps({k: v for k, v in base.items() if v is not None})
 
 
 def test_manifest_parses_and_builds_one_request_with_shared_files(images):
-    text = "\n".join([
-        "# a comment",
-        line(id="anna-red", seed=3, labels={"sku": "9"}),
-        "",
-        line(garments=None, garment="object:uploads/acme/x"),
-        line(garments=[{"chunk": 0, "image": "red.png"}]),
-    ])
+    text = "\n".join(
+        [
+            "# a comment",
+            line(id="anna-red", seed=3, labels={"sku": "9"}),
+            "",
+            line(garments=None, garment="object:uploads/acme/x"),
+            line(garments=[{"chunk": 0, "image": "red.png"}]),
+        ]
+    )
     clips = parse_manifest(text, images)
     assert [c.line for c in clips] == [2, 4, 5]
     assert clips[0].key == "anna-red" and clips[1].key.startswith("auto-")
@@ -206,27 +224,38 @@ def test_manifest_parses_and_builds_one_request_with_shared_files(images):
 
 
 def test_malformed_manifest_lines_are_reported_by_line_number(images):
-    text = "\n".join([
-        line(id="ok"),                                   # 1 fine
-        "{not json",                                     # 2
-        line(chunks=0),                                  # 3
-        line(garments=[[1, "red.png"]]),                 # 4
-        line(reference="missing.png"),                   # 5
-        line(reference="broken.png"),                    # 6
-        line(prompt=""),                                 # 7
-        line(colour="red"),                              # 8
-        line(id="ok", prompt="another clip"),            # 9 reuses line 1's id
-        "[1, 2]",                                        # 10
-        line(garments=[[0, "red.png"], [9, "red.png"]]),  # 11
-    ])
+    text = "\n".join(
+        [
+            line(id="ok"),  # 1 fine
+            "{not json",  # 2
+            line(chunks=0),  # 3
+            line(garments=[[1, "red.png"]]),  # 4
+            line(reference="missing.png"),  # 5
+            line(reference="broken.png"),  # 6
+            line(prompt=""),  # 7
+            line(colour="red"),  # 8
+            line(id="ok", prompt="another clip"),  # 9 reuses line 1's id
+            "[1, 2]",  # 10
+            line(garments=[[0, "red.png"], [9, "red.png"]]),  # 11
+        ]
+    )
     with pytest.raises(ManifestError) as err:
         parse_manifest(text, images)
     assert [n for n, _ in err.value.problems] == list(range(2, 12))
     message = str(err.value)
-    for fragment in ("line 2: not valid JSON", "line 3: 'chunks'", "line 4: garments[0]", "line 5: reference",
-                     "missing.png", "line 6: reference", "line 7: 'prompt'", "line 8: unknown field(s) colour",
-                     "line 9: id 'ok' is already used on line 1", "line 10: expected a JSON object",
-                     "line 11: garments[1]: chunk 9 is past the last chunk (3)"):
+    for fragment in (
+        "line 2: not valid JSON",
+        "line 3: 'chunks'",
+        "line 4: garments[0]",
+        "line 5: reference",
+        "missing.png",
+        "line 6: reference",
+        "line 7: 'prompt'",
+        "line 8: unknown field(s) colour",
+        "line 9: id 'ok' is already used on line 1",
+        "line 10: expected a JSON object",
+        "line 11: garments[1]: chunk 9 is past the last chunk (3)",
+    ):
         assert fragment in message, fragment
     with pytest.raises(ManifestError, match="no clips"):
         parse_manifest("\n# only a comment\n", images)
@@ -269,11 +298,13 @@ def test_desired_workers_follow_queue_depth():
 
 def test_policy_decides_on_the_last_polled_depth():
     class Ctx:
-        policy_state: dict = {}
+        policy_state: ClassVar[dict] = {}
 
     async def main():
-        policy = QueueDepthPolicy('{"url": "redis://127.0.0.1:1/0", "socket_connect_timeout_s": 0.2}',
-                                  JobsConfig(target_jobs_per_worker=3, depth_poll_s=0.01).model_dump_json())
+        policy = QueueDepthPolicy(
+            '{"url": "redis://127.0.0.1:1/0", "socket_connect_timeout_s": 0.2}',
+            JobsConfig(target_jobs_per_worker=3, depth_poll_s=0.01).model_dump_json(),
+        )
         assert policy(Ctx()) == (0, {"job_queue_depth": 0})
         await asyncio.sleep(0.5)  # the poll fails (no Redis there): the last depth is kept
         policy.depth = 7

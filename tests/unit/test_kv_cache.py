@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from shared.models.presets import get_preset
+from shared.runtime.attention_hooks import rope_positions
 from shared.runtime.kv_cache import FrameSlots, KVCacheSpec, SessionKVCache, slot_runs
 
 
@@ -32,11 +33,11 @@ def test_sink_then_window_then_fifo_eviction():
 def test_relative_positions_follow_cache_order():
     s = FrameSlots(3, 9)
     fill(s, 4)
-    keys, queries = s.positions("relative", cond_frames=2, n_query=3)
+    keys, queries = rope_positions(s, "relative", cond_frames=2, n_query=3)
     # slots 0-2 sink; ring slots 6,7,8 hold the oldest window frames, then 3,4,5
     assert keys == [2, 3, 4, 8, 9, 10, 5, 6, 7]
     assert queries == [11, 12, 13]
-    keys, queries = s.positions("absolute", cond_frames=2, n_query=3)
+    keys, queries = rope_positions(s, "absolute", cond_frames=2, n_query=3)
     assert keys == [2, 3, 4, 11, 12, 13, 8, 9, 10]
     assert queries == [14, 15, 16]
 
@@ -48,7 +49,7 @@ def test_window_wraps_mid_chunk_when_not_chunk_aligned():
     assert plan.slots == (21, 22, 3) and plan.frame_ids == (21, 22, 23) and plan.evicted == (3,)
     assert slot_runs(plan.slots) == [(21, 0, 2), (3, 2, 1)]
     s.commit(plan)
-    keys, queries = s.positions("relative", 2, 3)
+    keys, queries = rope_positions(s, "relative", 2, 3)
     assert max(keys) == 2 + 23 - 1 and queries == [25, 26, 27]
     assert sorted(keys) == list(range(2, 25))
 
@@ -82,21 +83,30 @@ def test_full_preset_cache_size_matches_the_numbers_page():
     spec = KVCacheSpec.from_preset(get_preset("wan2.2-ti2v-5b"), torch.bfloat16)
     assert spec.tokens_per_frame == 880
     assert spec.bytes_per_frame == 880 * 3072 * 2 * 2 * 30  # ~309 MiB per latent frame
-    assert spec.bytes == (2 + 23) * spec.bytes_per_frame
-    assert 7.4 < spec.bytes / 2**30 < 7.7  # "a session with M=23 plus cond ~ 7.5 GiB"
-    assert spec.max_frame_position == 27
+    # cond + sink + window (20 frames ~ 6.0 GiB) + the chunk scratch (3 frames: the buffer is the
+    # attended span) + the un-rotated keys of cond + sink (K only) the hot path re-rotates from
+    assert spec.bytes == (2 + 3 + 15 + 3) * spec.bytes_per_frame + (2 + 3) * spec.bytes_per_frame // 2
+    assert 7.6 < spec.bytes / 2**30 < 7.8
+    assert spec.max_frame_position == 22  # attends 2 + 3 + 15 + 3 = 23 = the trained length
 
 
 def test_write_frames_lands_in_the_right_rows():
     spec = KVCacheSpec(
-        num_layers=1, num_heads=1, head_dim=2, tokens_per_frame=2, cond_frames=2, sink_frames=1, max_frames=4,
-        chunk_frames=1, dtype=torch.float32,
+        num_layers=1,
+        num_heads=1,
+        head_dim=2,
+        tokens_per_frame=2,
+        cond_frames=2,
+        sink_frames=1,
+        max_frames=4,
+        chunk_frames=1,
+        dtype=torch.float32,
     )
     cache = SessionKVCache(spec)
     assert cache.bytes_allocated == spec.bytes
     k = torch.arange(3 * 2, dtype=torch.float32).view(1, 6, 1, 1).expand(1, 6, 1, 2)  # 3 frames x 2 tokens
     cache.write_frames(0, (3, 1, 2), k, k + 100)
     rows = cache.k[0, 0, :, 0, 0]
-    # cond rows 0-3 untouched; slot s occupies rows 4 + 2s .. 4 + 2s + 1
-    assert rows.tolist() == [0, 0, 0, 0, 0, 0, 2, 3, 4, 5, 0, 1]
+    # cond rows 0-3 untouched; slot s occupies rows 4 + 2s .. 4 + 2s + 1; then the chunk scratch
+    assert rows.tolist() == [0, 0, 0, 0, 0, 0, 2, 3, 4, 5, 0, 1, 0, 0]
     assert cache.v[0, 0, 10, 0, 0].item() == 100

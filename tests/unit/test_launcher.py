@@ -10,8 +10,11 @@ from shared.config import AppConfig, api_key_digest
 
 def test_describe_is_json_and_config_round_trips(tmp_path):
     config = embedded_config(
-        redis_url="redis://127.0.0.1:1/0", store_root=str(tmp_path), api_keys={"dev": "secret-key-000000000"},
-        grpc_port=9123, http_port=9124,
+        redis_url="redis://127.0.0.1:1/0",
+        store_root=str(tmp_path),
+        api_keys={"dev": "secret-key-000000000"},
+        grpc_port=9123,
+        http_port=9124,
     )
     info = json.loads(json.dumps(Embedded(config, "secret-key-000000000").describe()))
     assert info["grpc"] == "127.0.0.1:9123" and info["tenant"] == "dev" and info["store"] == str(tmp_path)
@@ -45,9 +48,12 @@ def test_from_env_reads_secrets_from_their_own_variables():
         "FASHIONCHAMELEON_S3_SECRET_KEY": "SK",
     }
     config = AppConfig.from_env(env)
-    assert config.storage.s3.secret_key.get_secret_value() == "SK" and config.storage.s3.access_key.get_secret_value() == "AK"
+    assert (
+        config.storage.s3.secret_key.get_secret_value() == "SK"
+        and config.storage.s3.access_key.get_secret_value() == "AK"
+    )
     assert config.auth.key_to_tenant() == {"key-acme-0123456789": "acme"} and config.redis.url == "redis://redis:6379/1"
     with pytest.raises(ValueError, match="both"):
         AppConfig.from_env({**env, "FASHIONCHAMELEON_S3_SECRET_KEY": ""})
-    with pytest.raises(ValueError, match="no storage.s3"):
+    with pytest.raises(ValueError, match=r"no storage\.s3"):
         AppConfig.from_env({**env, "FASHIONCHAMELEON_CONFIG": "{}"})

@@ -9,8 +9,9 @@ from PIL import Image
 
 from shared.models.checkpoint import CheckpointError, build_random, load_checkpoint, read_preset, save_checkpoint
 from shared.models.presets import get_preset
+from shared.runtime.config import EngineConfig
 from shared.runtime.decode import to_uint8_frames
-from shared.runtime.pipeline import Engine, EngineConfig
+from shared.runtime.pipeline import Engine
 from shared.runtime.session import SwitchOptions
 
 
@@ -61,11 +62,30 @@ def test_switch_without_disentangle_keeps_reference(engine):
     assert torch.equal(s.latent.reference, ref)
 
 
-def test_switch_before_first_chunk_is_refused(engine):
+def test_switch_before_first_chunk_replaces_the_garment(engine):
+    """Before chunk 0 nothing has streamed: a switch is a garment refresh only, whatever the
+    options (no history to withdraw, no decoded frame to disentangle), through every caller."""
     s = engine.session()
     s.open(image(0), image(1), "p", seed=1)
-    with pytest.raises(ValueError, match="at least one generated chunk"):
-        s.switch_garment(image(2))
+    ref = s.latent.reference.clone()
+    assert s.switch_options(SwitchOptions()) == SwitchOptions(refresh=True, withdraw=False, disentangle=False)
+    s.switch_garment(image(2))
+    assert torch.equal(s.latent.reference, ref)
+    assert torch.equal(s.latent.garment, engine.encode_garment(image(2)))
+    first = s.next_chunk()
+    assert first.switched and first.index == 0 and first.frames.shape[0] == 9
+    assert s.switch_options(SwitchOptions()) == SwitchOptions()  # mid-stream: all three steps
+
+
+def test_disentangle_without_a_decoded_frame_is_refused(engine):
+    s = engine.session()
+    s.open(image(0), image(1), "p", seed=1)
+    s.next_chunk()
+    resumed = engine.session()
+    resumed.restore(s.state())  # at chunk 1, nothing decoded by this session yet
+    with pytest.raises(ValueError, match="needs a frame decoded since open or restore"):
+        resumed.switch_garment(image(2))
+    resumed.switch_garment(image(2), SwitchOptions(disentangle=False))  # refresh + withdraw need no frame
 
 
 def test_checkpoint_round_trip_generates_the_same_video(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import struct
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,8 +21,8 @@ from services.common.tensors import tensor_to_proto
 from shared.config import AppConfig, ModelConfig
 from shared.media.fmp4 import FragmentedMp4Muxer, iter_boxes, split_init_segment
 from shared.models.presets import get_preset
-from shared.queue.sessions import LeaseHeld
-from shared.queue.streams import SessionClosed
+from shared.sessionbus.sessions import LeaseHeld
+from shared.sessionbus.streams import SessionClosed
 from shared.storage.config import LocalStoreConfig, StorageConfig
 
 FPS = 24
@@ -50,8 +51,10 @@ def pts(path: Path) -> list[float]:
 
 def test_a_muxer_taking_over_mid_stream_continues_the_timeline_with_the_same_init():
     frames = np.random.default_rng(0).integers(0, 255, (12, 32, 48, 3), dtype=np.uint8)
-    first, second = FragmentedMp4Muxer(48, 32, fps=FPS), FragmentedMp4Muxer(48, 32, fps=FPS, start_frame=21,
-                                                                             start_sequence=2)
+    first, second = (
+        FragmentedMp4Muxer(48, 32, fps=FPS),
+        FragmentedMp4Muxer(48, 32, fps=FPS, start_frame=21, start_sequence=2),
+    )
     a = first.add_chunk(frames[:9]) + first.add_chunk(frames)
     b = second.add_chunk(frames)
     init_a, media_a = split_init_segment(a)
@@ -70,8 +73,10 @@ def test_a_muxer_taking_over_mid_stream_continues_the_timeline_with_the_same_ini
 def decoder(tmp_path):
     from services.decoder.service import DecoderService
 
-    config = AppConfig(model=ModelConfig(preset="tiny"),
-                       storage=StorageConfig(backend="local", local=LocalStoreConfig(root=tmp_path / "store")))
+    config = AppConfig(
+        model=ModelConfig(preset="tiny"),
+        storage=StorageConfig(backend="local", local=LocalStoreConfig(root=tmp_path / "store")),
+    )
     return DecoderService(config.to_json())
 
 
@@ -81,8 +86,9 @@ def latents(seed: int, frames: int = 3) -> torch.Tensor:
 
 
 def request(k: int, lat: torch.Tensor, first: int, *, reset=False, prime=None, **kw):
-    req = decoder_pb2.DecodeChunkRequest(session_id="ses_a", chunk_index=k, latents=tensor_to_proto(lat),
-                                         reset=reset, first_frame_index=first, **kw)
+    req = decoder_pb2.DecodeChunkRequest(
+        session_id="ses_a", chunk_index=k, latents=tensor_to_proto(lat), reset=reset, first_frame_index=first, **kw
+    )
     if prime is not None:
         req.prime_latents.CopyFrom(tensor_to_proto(prime))
     return req
@@ -111,10 +117,16 @@ def test_a_primed_reset_keeps_frame_counts_timeline_and_the_whole_clip(decoder, 
     assert [r.first_frame_index for r in resps] == [0, 9, 21, 33, 45]
     unit = 1000  # 24 fps: timescale 24000, one frame = 1000
     assert [tfdts(split_init_segment(r.fmp4)[1] if r.init_segment else r.fmp4) for r in resps] == [
-        [0], [9 * unit], [21 * unit], [33 * unit], [45 * unit]]
+        [0],
+        [9 * unit],
+        [21 * unit],
+        [33 * unit],
+        [45 * unit],
+    ]
     assert resps[3].init_segment == resps[0].init_segment  # the reset's piece carries the same init
-    closed = asyncio.run(decoder.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"),
-                                              save_key="clips/t/ses_a.mp4"))
+    closed = asyncio.run(
+        decoder.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"), save_key="clips/t/ses_a.mp4")
+    )
     assert closed.freed_bytes > 0 and decoder.num_sessions() == 0
     assert not os.path.exists(clip_path)  # the temp file is gone
     saved = tmp_path / "saved.mp4"
@@ -136,10 +148,16 @@ def test_close_streams_the_clip_from_disk_and_frees_everything(decoder, monkeypa
     calls = []
     real = decoder.store.put_file
     monkeypatch.setattr(decoder.store, "put_bytes", lambda *a, **k: pytest.fail("clip read into memory"))
-    monkeypatch.setattr(decoder.store, "put_file", lambda key, path, *a, **k: calls.append(key) or real(key, path, *a, **k))
-    asyncio.run(decoder.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"), save_key="clips/t/x.mp4"))
+    monkeypatch.setattr(
+        decoder.store, "put_file", lambda key, path, *a, **k: calls.append(key) or real(key, path, *a, **k)
+    )
+    asyncio.run(
+        decoder.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"), save_key="clips/t/x.mp4")
+    )
     assert calls == ["clips/t/x.mp4"] and decoder.store.exists("clips/t/x.mp4")
-    assert asyncio.run(decoder.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"))).freed_bytes == 0
+    assert (
+        asyncio.run(decoder.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"))).freed_bytes == 0
+    )
 
 
 def test_state_of_a_session_whose_generator_vanished_is_evicted(decoder):
@@ -154,14 +172,105 @@ def test_state_of_a_session_whose_generator_vanished_is_evicted(decoder):
     assert decoder.sessions["ses_a"].idle_timeout_s == decoder.default_idle_timeout_s > 300
 
 
+def _two_replicas(tmp_path):
+    from services.decoder.service import DecoderService
+
+    config = AppConfig(
+        model=ModelConfig(preset="tiny"),
+        storage=StorageConfig(backend="local", local=LocalStoreConfig(root=tmp_path / "store")),
+    )
+    return DecoderService(config.to_json()), DecoderService(config.to_json())
+
+
+def _move_to(replica, k, lat, prime):
+    """What the generator does when the ring sends chunk k to a replica without the session."""
+    from services.common.errors import Aborted
+
+    with pytest.raises(Aborted) as err:
+        decode(replica, k, lat)
+    assert err.value.reason == "SESSION_NOT_ON_REPLICA"
+    return decode(replica, k, lat, reset=True, prime=prime)
+
+
+def _saved_pts(store, tmp_path, key="clips/t/ses_a.mp4"):
+    saved = tmp_path / "saved.mp4"
+    saved.write_bytes(store.get_bytes(key))
+    return pts(saved)
+
+
+@pytest.mark.parametrize("order", ["close-then-evict", "evict-then-close"])
+def test_a_ring_change_keeps_the_whole_clip(tmp_path, order):
+    """Chunks 0-2 decoded on replica A, 3-5 on B (the ring changed): the saved clip holds all six."""
+    a, b = _two_replicas(tmp_path)
+    lats = [latents(i) for i in range(6)]
+    for k in range(3):
+        decode(a, k, lats[k], reset=k == 0)
+    _move_to(b, 3, lats[3], prime=lats[2])
+    for k in (4, 5):
+        decode(b, k, lats[k])
+    close = lambda: asyncio.run(
+        b.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"), save_key="clips/t/ses_a.mp4")
+    )
+    evict = lambda: a.evict_idle(time.monotonic() + 10**6)
+    if order == "close-then-evict":
+        close()
+        assert not a.store.exists("clips/t/ses_a.mp4")  # A still holds chunks 0-2
+        assert evict() == ["ses_a"]
+    else:
+        assert evict() == ["ses_a"]
+        close()
+    got = _saved_pts(a.store, tmp_path)
+    assert len(got) == 9 + 12 * 5  # every chunk once
+    assert np.allclose(np.diff(got), 1 / FPS)  # one timeline, strictly rising
+    assert list(a.store.list("clip-parts/")) == []  # the parts are gone once assembled
+    assert a.num_sessions() == b.num_sessions() == 0
+
+
+def test_a_session_that_comes_back_after_a_gap_keeps_both_runs(tmp_path):
+    """A decodes 0-1, B 2-3, A again 4-5 (the ring changed twice): A's first run is not extended
+    across the gap, and the clip still holds every chunk."""
+    a, b = _two_replicas(tmp_path)
+    lats = [latents(i) for i in range(6)]
+    decode(a, 0, lats[0], reset=True)
+    decode(a, 1, lats[1])
+    _move_to(b, 2, lats[2], prime=lats[1])
+    decode(b, 3, lats[3])
+    decode(a, 4, lats[4], reset=True, prime=lats[3])  # A still holds the session, at chunk 2
+    decode(a, 5, lats[5])
+    assert a.sessions["ses_a"].clip.first_chunk == 4
+    asyncio.run(
+        a.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"), save_key="clips/t/ses_a.mp4")
+    )
+    assert b.evict_idle(time.monotonic() + 10**6) == ["ses_a"]
+    got = _saved_pts(a.store, tmp_path)
+    assert len(got) == 9 + 12 * 5 and np.allclose(np.diff(got), 1 / FPS)
+
+
+def test_a_replica_that_shuts_down_hands_its_run_over(tmp_path):
+    a, b = _two_replicas(tmp_path)
+    lats = [latents(i) for i in range(4)]
+    decode(a, 0, lats[0], reset=True)
+    decode(a, 1, lats[1])
+    a.shutdown()  # scaled down: its sessions go on elsewhere
+    assert a.num_sessions() == 0 and [i.key for i in a.store.list("clip-parts/")] == [
+        "clip-parts/ses_a/00000000-00000002.mp4"
+    ]
+    _move_to(b, 2, lats[2], prime=lats[1])
+    decode(b, 3, lats[3])
+    asyncio.run(
+        b.CloseSession(decoder_pb2.DecoderCloseSessionRequest(session_id="ses_a"), save_key="clips/t/ses_a.mp4")
+    )
+    assert len(_saved_pts(b.store, tmp_path)) == 9 + 12 * 3
+
+
 # ---- generator runner -----------------------------------------------------------------------
 
 
 def runner(realtime=True, registry=None):
     from services.generator.service import SessionRunner
     from shared.config import GeneratorConfig
-    from shared.queue.config import RedisConfig
     from shared.runtime.session import SwitchOptions
+    from shared.sessionbus.config import RedisConfig
 
     config = SimpleNamespace(generator=GeneratorConfig(realtime=realtime), redis=RedisConfig())
     service = SimpleNamespace(config=config, registry=registry, replica_id="gen-1-a")
@@ -205,9 +314,11 @@ class _Registry:
 
 @pytest.mark.parametrize(
     "outcome, stopped, lease_lost",
-    [(None, False, False),  # lapsed, nobody took it: keep serving
-     (LeaseHeld("ses_x", "gen-2-b"), True, True),  # taken over: stop, leave records and decoder alone
-     (SessionClosed("ses_x"), True, False)],  # ended: stop and finish it here (decoder close, clip)
+    [
+        (None, False, False),  # lapsed, nobody took it: keep serving
+        (LeaseHeld("ses_x", "gen-2-b"), True, True),  # taken over: stop, leave records and decoder alone
+        (SessionClosed("ses_x"), True, False),
+    ],  # ended: stop and finish it here (decoder close, clip)
 )
 def test_a_lost_lease_stops_the_runner_only_as_far_as_needed(outcome, stopped, lease_lost):
     from services.generator.service import GeneratorService

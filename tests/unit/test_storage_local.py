@@ -12,8 +12,8 @@ from pydantic import SecretStr, ValidationError
 
 pytest.register_assert_rewrite("tests.storage_cases")
 
-import shared.storage.local as local_module  # noqa: E402
-from shared.storage import (  # noqa: E402
+import shared.storage.local as local_module
+from shared.storage import (
     InvalidKey,
     InvalidMetadata,
     LocalObjectStore,
@@ -28,7 +28,7 @@ from shared.storage import (  # noqa: E402
     validate_key,
     validate_prefix,
 )
-from tests.storage_cases import INVALID_KEYS, CatalogContract, ObjectStoreContract  # noqa: E402
+from tests.storage_cases import INVALID_KEYS, CatalogContract, ObjectStoreContract
 
 
 @pytest.fixture
@@ -86,15 +86,39 @@ def test_on_disk_layout_is_readable_and_collision_free(store: LocalObjectStore) 
     store.put_bytes("a/b c/x.png#meta.json", b"3")  # looks like a sidecar; is an object
     files = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*") if p.is_file())
     assert files == [
-        "a",
-        "a#meta.json",
-        "a@/b%20c@/x.png",
-        "a@/b%20c@/x.png#meta.json",
-        "a@/b%20c@/x.png%23meta.json",
-        "a@/b%20c@/x.png%23meta.json#meta.json",
+        "a/b%20c/x.png",
+        "a/b%20c/x.png#meta.json",
+        "a/b%20c/x.png%23meta.json",
+        "a/b%20c/x.png%23meta.json#meta.json",
+        "a@",  # object "a" beside the folder "a"
+        "a@#meta.json",
     ]
     assert store.get_bytes("a/b c/x.png") == b"1"
+    assert store.get_bytes("a") == b"2"
     assert store.get_bytes("a/b c/x.png#meta.json") == b"3"
+
+
+def test_on_disk_path_mirrors_the_key(store: LocalObjectStore) -> None:
+    store.put_bytes("clips/dev/ses_x.mp4", b"mp4", metadata={"v": "1"})
+    assert (store.root / "clips" / "dev" / "ses_x.mp4").read_bytes() == b"mp4"
+    assert store.presigned_get_url("clips/dev/ses_x.mp4") == (store.root / "clips/dev/ses_x.mp4").as_uri()
+    assert store.stat("clips/dev/ses_x.mp4").metadata == {"v": "1"}
+
+
+def test_object_moves_aside_when_a_key_below_it_needs_the_folder(store: LocalObjectStore) -> None:
+    store.put_bytes("m/a", b"object", metadata={"v": "1"})
+    store.put_bytes("m/a/child", b"child")
+    assert (store.root / "m" / "a@").read_bytes() == b"object"
+    assert (store.root / "m" / "a" / "child").read_bytes() == b"child"
+    assert (store.get_bytes("m/a"), dict(store.stat("m/a").metadata)) == (b"object", {"v": "1"})
+    assert [i.key for i in store.list("m/")] == ["m/a", "m/a/child"]
+    store.put_bytes("m/a", b"again")  # rewritten where it is
+    assert (store.root / "m" / "a@").read_bytes() == b"again" and store.exists("m/a")
+    assert store.put_bytes_if_absent("m/a", b"x") is False
+    store.delete("m/a/child")  # the folder goes; the object stays readable beside it
+    assert [i.key for i in store.list("")] == ["m/a"] and store.get_bytes("m/a") == b"again"
+    store.delete("m/a")
+    assert list(store.root.iterdir()) == []
 
 
 def test_overlong_segment_rejected_clearly(store: LocalObjectStore) -> None:
@@ -113,7 +137,7 @@ def _temp_files(root: Path) -> list[Path]:
 def test_crash_before_publishing_keeps_the_old_object(store: LocalObjectStore, monkeypatch) -> None:
     store.put_bytes("k/obj", b"old", metadata={"v": "1"})
     real_replace = os.replace
-    data_path = store.root / "k@" / "obj"
+    data_path = store.root / "k" / "obj"
 
     def crash_on_data(src, dst):
         if Path(dst) == data_path:
@@ -149,7 +173,7 @@ def test_failed_write_leaves_no_temp_files(store: LocalObjectStore, monkeypatch)
 
 def test_missing_sidecar_falls_back_to_data(store: LocalObjectStore) -> None:
     store.put_bytes("s/k.png", b"pixels", content_type="image/x-custom", metadata={"a": "b"})
-    (store.root / "s@" / "k.png#meta.json").unlink()
+    (store.root / "s" / "k.png#meta.json").unlink()
     st = store.stat("s/k.png")
     assert (st.size, st.etag, st.content_type, dict(st.metadata)) == (
         6, hashlib.md5(b"pixels").hexdigest(), "image/png", {}
@@ -159,7 +183,7 @@ def test_missing_sidecar_falls_back_to_data(store: LocalObjectStore) -> None:
 
 def test_temp_and_sidecar_files_are_not_listed(store: LocalObjectStore) -> None:
     store.put_bytes("l/k", b"x")
-    (store.root / "l@" / "#tmp-leftover").write_bytes(b"junk")
+    (store.root / "l" / "#tmp-leftover").write_bytes(b"junk")
     assert [i.key for i in store.list("")] == ["l/k"]
 
 
@@ -167,7 +191,7 @@ def test_delete_prunes_empty_directories(store: LocalObjectStore) -> None:
     store.put_bytes("a/x/y/z", b"1")
     store.put_bytes("a/keep", b"2")
     store.delete("a/x/y/z")
-    assert not (store.root / "a@" / "x@").exists()
+    assert not (store.root / "a" / "x").exists()
     assert [(i.key, i.is_prefix) for i in store.list("a/", recursive=False)] == [("a/keep", False)]
     store.delete("a/keep")
     assert list(store.root.iterdir()) == []
@@ -184,7 +208,7 @@ def test_listing_is_in_utf8_byte_order(store: LocalObjectStore) -> None:
 
 def test_presigned_url_is_a_file_url_under_root(store: LocalObjectStore) -> None:
     url = store.presigned_get_url("p/clip 1.mp4")
-    assert url == (store.root / "p@" / "clip%201.mp4").as_uri()
+    assert url == (store.root / "p" / "clip%201.mp4").as_uri()
     assert url.startswith("file:///")
 
 

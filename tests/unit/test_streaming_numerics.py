@@ -15,6 +15,7 @@ from shared.models.dit import DenseAttention, InContextWanDiT
 from shared.models.masks import expand_to_tokens, teacher_forcing_frame_mask
 from shared.models.presets import get_preset
 from shared.models.rope import RopeTable, apply_rope
+from shared.runtime.attention_hooks import rope_positions
 from shared.runtime.sampler import FewStepSampler, chunk_noises
 from shared.runtime.session import SessionState, StreamingSession, SwitchOptions
 
@@ -77,7 +78,7 @@ def test_cached_equals_uncached_block_causal_forward():
             seq = torch.cat([cond, *history, x], 2)
             f = seq.shape[2]
             ts = torch.tensor([[0.0] * (f - st.chunk_frames) + [t] * st.chunk_frames])
-            return dit(seq, ts, text, DenseAttention(rope, list(range(f)), mask))[:, :, -st.chunk_frames :]
+            return dit(seq, ts, text, DenseAttention(rope, list(range(f)), mask))[:, :, -st.chunk_frames :]  # noqa: B023 (called in this iteration)
 
         history.append(sampler.sample(flow, noises))
     diff = maxdiff(cached, history)
@@ -144,7 +145,9 @@ def test_past_the_window_equals_brute_force_selection():
         ids = list(range(i * st.chunk_frames, (i + 1) * st.chunk_frames))
         noises = chunk_noises(7, i, session.chunk_shape, 4, "cpu", torch.float32)
         denoise = bf.chunk_hook(ids, store=False)
-        x0 = sampler.sample(lambda x, t, s: dit(x, torch.full((1, st.chunk_frames), t), text, denoise), noises)
+        x0 = sampler.sample(
+            lambda x, t, s, denoise=denoise: dit(x, torch.full((1, st.chunk_frames), t), text, denoise), noises
+        )
         dit(x0, torch.zeros(1, st.chunk_frames), text, bf.chunk_hook(ids, store=True))
         bf.history.extend(ids)
         outs.append(x0)
@@ -154,12 +157,80 @@ def test_past_the_window_equals_brute_force_selection():
     assert len(bf.history) > st.max_cache_frames
 
 
+def _spy_positions(session) -> list[list[int]]:
+    """Record the key and query position lists of every chunk hook (the policy's positions; the
+    hot path rotates at these plus one common offset, which RoPE scores do not see)."""
+    seen: list[list[int]] = []
+    original = session._chunk_hook
+
+    def spy(*args, **kwargs):
+        hook = original(*args, **kwargs)
+        seen.extend([list(hook.key_positions), list(hook.query_positions)])
+        return hook
+
+    session._chunk_hook = spy
+    return seen
+
+
 def test_relative_and_absolute_rope_agree_within_trained_length():
     preset_rel, dit = make(rope_policy="relative")
     preset_abs = preset_rel.with_streaming(rope_policy="absolute")
-    _, a = run_cached(preset_rel, dit, 5)
-    _, b = run_cached(preset_abs, dit, 5)
-    assert maxdiff(a, b) < 1e-6
+    st = preset_rel.streaming
+    c, f, chunks = st.cond_frames, st.chunk_frames, 5
+    assert chunks * f <= st.max_cache_frames  # within the trained length: nothing is evicted
+    outs, used = [], []
+    for preset in (preset_rel, preset_abs):
+        session = StreamingSession(dit, preset)
+        session.open(*cond_inputs(preset), seed=7)
+        seen = _spy_positions(session)
+        outs.append([session.next_chunk() for _ in range(chunks)])
+        used.append({tuple(p) for p in seen})
+    assert maxdiff(*outs) < 1e-6
+    # Known answer, by hand: cond frames sit at 0..C-1, generated frame i at C + i, so chunk j
+    # queries C + f*j .. C + f*j + f-1 over keys 0 .. C + f*j + f-1 (cond, history, itself).
+    queries = {tuple(range(c + f * j, c + f * (j + 1))) for j in range(chunks)}
+    keys = {tuple(range(c + f * (j + 1))) for j in range(chunks)}
+    assert used[0] == used[1] == queries | keys
+
+
+def test_relative_rope_past_the_window_keeps_window_scores_of_absolute_positions():
+    """Two independent computations of rotated q.k scores on a stream past the window: with the
+    relative positions the cache uses, and with absolute ones. RoPE depends on position
+    differences only and the relative policy shifts the window and the query chunk uniformly,
+    so window keys score the same either way; sink keys are moved closer and do not."""
+    preset, dit = make(rope_policy="relative")
+    st = preset.streaming
+    c, f = st.cond_frames, st.chunk_frames
+    session = StreamingSession(dit, preset)
+    session.open(*cond_inputs(preset), seed=7)
+    for _ in range(-(-2 * st.max_cache_frames // f)):
+        session.next_chunk()
+    slots = session.cache.slots
+    assert slots.next_frame_id > slots.num_valid  # frames were evicted
+    rel_k, rel_q = rope_positions(slots, "relative", c, f)
+    abs_k, abs_q = rope_positions(slots, "absolute", c, f)
+    assert max(rel_k + rel_q) <= st.max_rope_frame_position < max(abs_k + abs_q)
+
+    rope, n = session.rope, session.rope.tokens_per_frame
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, f * n, 2, rope.head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(1, slots.num_valid * n, 2, rope.head_dim, generator=g, dtype=torch.float64)
+
+    def scores(k_pos, q_pos):
+        (qc, qs), (kc, ks) = rope.cos_sin(q_pos), rope.cos_sin(k_pos)
+        qr, kr = apply_rope(q, qc.double(), qs.double()), apply_rope(k, kc.double(), ks.double())
+        return torch.einsum("blhd,bmhd->bhlm", qr, kr)
+
+    s_rel, s_abs = scores(rel_k, rel_q), scores(abs_k, abs_q)
+
+    def tokens(frame_slots):
+        return [slot * n + j for slot in frame_slots for j in range(n)]
+
+    window = tokens([slot for slot, _ in slots.window])
+    sink = tokens(range(len(slots.sink)))
+    assert window and sink
+    assert (s_rel[..., window] - s_abs[..., window]).abs().max() < 1e-4
+    assert (s_rel[..., sink] - s_abs[..., sink]).abs().max() > 1e-2
 
 
 def test_long_stream_positions_bounded_and_cache_constant():
@@ -168,14 +239,7 @@ def test_long_stream_positions_bounded_and_cache_constant():
     st = preset.streaming
     session = StreamingSession(dit, preset)
     session.open(*cond_inputs(preset), seed=3)
-    seen: list[int] = []
-    original = session.rope.cos_sin
-
-    def spy(positions):
-        seen.extend(positions)
-        return original(positions)
-
-    session.rope.cos_sin = spy
+    seen_lists = _spy_positions(session)
     ptr, nbytes = session.cache.k.data_ptr(), session.cache.bytes_allocated
     frames = 10 * st.window_frames
     chunks = -(-frames // st.chunk_frames)
@@ -183,8 +247,12 @@ def test_long_stream_positions_bounded_and_cache_constant():
         out = session.next_chunk()
         assert session.cache.slots.num_valid <= st.max_cache_frames
     assert torch.isfinite(out).all()
+    seen = [p for positions in seen_lists for p in positions]
     assert max(seen) == st.max_rope_frame_position == session.spec.max_frame_position
     assert min(seen) >= 0
+    # The rotations the hot path stores stay bounded too (policy position + a re-based offset).
+    stored = [p for p in session.cache.rot_pos if p is not None]
+    assert max(stored) <= session.spec.max_frame_position + session.cache.max_delta
     assert session.cache.k.data_ptr() == ptr and session.cache.bytes_allocated == nbytes
     assert session.cache.slots.next_frame_id == chunks * st.chunk_frames
 
@@ -193,7 +261,7 @@ def test_long_stream_positions_bounded_and_cache_constant():
     session_abs.open(*cond_inputs(preset), seed=3)
     for _ in range(chunks):
         session_abs.next_chunk()
-    keys, _ = session_abs.cache.slots.positions("absolute", st.cond_frames, st.chunk_frames)
+    keys, _ = rope_positions(session_abs.cache.slots, "absolute", st.cond_frames, st.chunk_frames)
     assert max(keys) > st.max_rope_frame_position
 
 
@@ -295,5 +363,24 @@ def test_set_prompt_changes_following_chunks_only():
 
 def test_no_context_pass_experiment_runs():
     preset, dit = make(context_pass=False)
-    session, chunks = run_cached(preset, dit, 3)
+    base_preset = preset.with_streaming(context_pass=True)
+    calls: list[int] = []
+    handle = dit.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        counts, runs = [], []
+        for p in (preset, base_preset):
+            calls.clear()
+            session, chunks = run_cached(p, dit, 3)
+            counts.append(len(calls))
+            runs.append(chunks)
+    finally:
+        handle.remove()
+    chunks, baseline = runs
     assert session.cache.slots.num_valid == 9 and all(torch.isfinite(c).all() for c in chunks)
+    steps = len(preset.streaming.timesteps)
+    # one cond forward, then `steps` forwards a chunk; the baseline adds its context pass
+    assert counts == [1 + 3 * steps, 1 + 3 * (steps + 1)]
+    # the first chunk sees only the cond frames: the same in both; later chunks attend to the
+    # noisy last-step KV instead of the clean one, so they differ
+    assert (chunks[0] - baseline[0]).abs().max() < TOL
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(chunks[1:], baseline[1:]))

@@ -20,9 +20,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fashionchameleon.v1 import common_pb2, studio_pb2, studio_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from fashionchameleon.v1 import common_pb2, studio_pb2, studio_pb2_grpc
 from services.studio.client import (
     AsyncStudioClient,
     ChunkGapError,
@@ -85,9 +85,7 @@ def _abort(
 ) -> None:
     status = status_pb2.Status(code=code.value[0], message=message)
     if reason is not None:
-        info = error_details_pb2.ErrorInfo(
-            reason=reason, domain="fashionchameleon.v1", metadata=metadata or {}
-        )
+        info = error_details_pb2.ErrorInfo(reason=reason, domain="fashionchameleon.v1", metadata=metadata or {})
         status.details.add().Pack(info)
     if retry_after_s is not None:
         retry = error_details_pb2.RetryInfo()
@@ -144,12 +142,16 @@ class FakeStudio(studio_pb2_grpc.StudioServicer):
     def CreateSession(self, request, context):
         self._auth("CreateSession", request, context)
         if self.quota_exceeded:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota", "QUOTA_EXCEEDED",
-                   {"quota": "sessions"})
+            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "quota", "QUOTA_EXCEEDED", {"quota": "sessions"})
         if self.exhausted_before_create > 0:
             self.exhausted_before_create -= 1
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, "no free session slot",
-                   "CAPACITY_EXHAUSTED", retry_after_s=0.02)
+            _abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "no free session slot",
+                "CAPACITY_EXHAUSTED",
+                retry_after_s=0.02,
+            )
         with self.lock:
             if request.request_id in self.by_request_id:
                 return self.by_request_id[request.request_id]
@@ -181,26 +183,20 @@ class FakeStudio(studio_pb2_grpc.StudioServicer):
         self._auth("SwitchGarment", request, context)
         session = self._session(request.session_id, context)
         session.garment_id = request.garment.catalog_id or "upload:def"
-        return studio_pb2.SwitchGarmentResponse(
-            effective_chunk_index=3, garment_id=session.garment_id
-        )
+        return studio_pb2.SwitchGarmentResponse(effective_chunk_index=3, garment_id=session.garment_id)
 
     def UpdatePrompt(self, request, context):
         self._auth("UpdatePrompt", request, context)
         session = self._session(request.session_id, context)
         session.prompt = request.prompt
         session.prompt_revision += 1
-        return studio_pb2.UpdatePromptResponse(
-            effective_chunk_index=3, prompt_revision=session.prompt_revision
-        )
+        return studio_pb2.UpdatePromptResponse(effective_chunk_index=3, prompt_revision=session.prompt_revision)
 
     def CloseSession(self, request, context):
         self._auth("CloseSession", request, context)
         session = self._session(request.session_id, context)
         session.state = State.CLOSED
-        return studio_pb2.CloseSessionResponse(
-            state=State.CLOSED, chunks_generated=len(self.segments)
-        )
+        return studio_pb2.CloseSessionResponse(state=State.CLOSED, chunks_generated=len(self.segments))
 
     def StreamSession(self, request, context):
         self._auth("StreamSession", request, context)
@@ -321,9 +317,7 @@ def test_image_input_forms(tmp_path):
 
 
 def test_session_options_from_dict():
-    opts = session_options(
-        {"max_chunks": 5, "width": 320, "switch_options": {"withdraw_history_kv": False}}, seed=0
-    )
+    opts = session_options({"max_chunks": 5, "width": 320, "switch_options": {"withdraw_history_kv": False}}, seed=0)
     assert opts.HasField("seed") and opts.seed == 0
     assert opts.max_chunks == 5 and opts.width == 320
     assert opts.switch_options.HasField("withdraw_history_kv")
@@ -344,9 +338,7 @@ def test_api_key_never_in_repr(target):
 def test_create_session_request_and_metadata(fake, target, images):
     reference, garment_path = images
     with StudioClient(target, API_KEY, application="fashionchameleon", **FAST) as c:
-        session = c.create_session(
-            reference, garment_path, "walks", seed=42, options={"max_chunks": 6}
-        )
+        session = c.create_session(reference, garment_path, "walks", seed=42, options={"max_chunks": 6})
     assert session.state == State.ACTIVE and session.seed == 42
     request = fake.requests[-1]
     assert request.reference.data == reference
@@ -445,9 +437,7 @@ def test_unavailable_is_retried(fake, client, images):
 
 def test_control_calls(fake, client, images):
     session_id = _new_session(client, images)
-    resp = client.switch_garment(
-        session_id, "catalog:sku-2", options={"disentangle_reference_kv": False}
-    )
+    resp = client.switch_garment(session_id, "catalog:sku-2", options={"disentangle_reference_kv": False})
     assert (resp.effective_chunk_index, resp.garment_id) == (3, "sku-2")
     switch = fake.requests[-1]
     assert switch.options.HasField("disentangle_reference_kv")
@@ -562,9 +552,11 @@ def test_stream_survives_server_restart(fake, images, media):
 
     def restart(call_no: int, sent: int) -> None:
         if call_no == 1 and sent == 3:
+
             def bounce() -> None:
                 state["server"].stop(0).wait()
                 state["server"], _ = _start_server(fake, f"127.0.0.1:{port}")
+
             threading.Thread(target=bounce).start()
             time.sleep(0.5)  # the stop cancels this handler
 

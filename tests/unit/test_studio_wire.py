@@ -21,7 +21,7 @@ GARBAGE = b"\xff\xff\xff\xff\x0f not a message"
 
 
 class _Servicer(studio_pb2_grpc.StudioServicer):
-    def GetSession(self, request, context):  # noqa: N802
+    def GetSession(self, request, context):
         if isinstance(request, MalformedRequest):
             abort_context(context, malformed_error(request))
         return studio_pb2.Session(session_id=request.session_id)
@@ -65,8 +65,20 @@ def _studio() -> StudioService:
     return studio
 
 
-@pytest.mark.parametrize("method", ["CreateSession", "GetSession", "SwitchGarment", "UpdatePrompt", "CloseSession",
-                                    "SubmitClips", "GetJob", "ListJobs", "CancelJob"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        "CreateSession",
+        "GetSession",
+        "SwitchGarment",
+        "UpdatePrompt",
+        "CloseSession",
+        "SubmitClips",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+    ],
+)
 def test_studio_unary_handlers_answer_invalid_argument_after_auth(method):
     studio, bad = _studio(), MalformedRequest("fashionchameleon.v1.X")
     call = getattr(studio, method)

@@ -83,6 +83,63 @@ def test_catalog_has_every_required_metric_with_its_kind():
     assert {name: spec.kind for name, spec in METRICS.items() if name in REQUIRED} == REQUIRED
 
 
+# The module whose code path promises each metric (ARCHITECTURE.md's telemetry table).
+UPDATED_BY = {
+    **dict.fromkeys(
+        (
+            "time_to_first_chunk_seconds",
+            "inter_chunk_latency_seconds",
+            "chunk_generation_seconds",
+            "chunk_decode_seconds",
+            "garment_switch_latency_seconds",
+            "prompt_update_latency_seconds",
+            "client_lag_chunks",
+            "active_sessions",
+            "kv_cache_bytes",
+            "kv_cache_budget_bytes",
+            "sessions_opened_total",
+            "sessions_closed_total",
+            "session_paused_total",
+            "chunks_generated_total",
+            "frames_generated_total",
+            "rejections_total",
+        ),
+        "services/generator/service.py",
+    ),
+    "requests_total": "services/studio/service.py",
+    "request_latency_seconds": "services/studio/service.py",
+    "encoder_cache_hits_total": "services/encoder/service.py",
+    "encoder_cache_misses_total": "services/encoder/service.py",
+    "job_queue_depth": "services/jobs/worker.py",
+    "job_latency_seconds": "services/jobs/worker.py",
+    "job_retries_total": "shared/jobs/queue.py",
+    "jobs_completed_total": "shared/jobs/queue.py",
+    "jobs_dead_lettered_total": "shared/jobs/queue.py",
+}
+
+
+def _metrics_used(path: str) -> set[str]:
+    """Names read off a `Metrics` object (`<...>.metrics.NAME`) in a module's source."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / path).read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute | ast.Name):
+            owner = node.value.attr if isinstance(node.value, ast.Attribute) else node.value.id
+            if owner in {"metrics", "m", "_metrics"}:
+                used.add(node.attr)
+    return used
+
+
+def test_every_catalog_metric_is_updated_by_the_code_that_promises_it():
+    assert set(UPDATED_BY) == set(METRICS), "each metric names the module that updates it"
+    for path in sorted(set(UPDATED_BY.values())):
+        missing = {name for name, where in UPDATED_BY.items() if where == path} - _metrics_used(path)
+        assert not missing, f"{path} never updates {sorted(missing)}"
+
+
 @pytest.mark.parametrize("spec", METRICS.values(), ids=lambda spec: spec.short_name)
 def test_catalog_naming_conventions(spec: MetricSpec):
     assert spec.name == PREFIX + spec.short_name

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoTokenizer, UMT5EncoderModel
 
 from shared.models.presets import get_preset
-from shared.models.text_encoder import TextEncoder, prompt_key, validate_prompt
+from shared.models.prompts import prompt_key, validate_prompt
+from shared.models.text_encoder import TextEncoder
 
 CFG = get_preset("tiny").text_encoder
 PROMPTS = ["a woman in a red dress walks forward", "a man turns around slowly"]

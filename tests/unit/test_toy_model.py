@@ -54,9 +54,23 @@ def generated(tmp_path_factory) -> tuple[np.ndarray, dict]:
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["generate", "--reference", str(EXAMPLES / "person.png"), "--garment", str(EXAMPLES / "garment-red.png"),
-                   "--prompt", PROMPT, "--chunks", "6", "--switch", f"{SWITCH_CHUNK}:{EXAMPLES / 'garment-green.png'}",
-                   "--out", str(out)])
+        rc = main(
+            [
+                "generate",
+                "--reference",
+                str(EXAMPLES / "person.png"),
+                "--garment",
+                str(EXAMPLES / "garment-red.png"),
+                "--prompt",
+                PROMPT,
+                "--chunks",
+                "6",
+                "--switch",
+                f"{SWITCH_CHUNK}:{EXAMPLES / 'garment-green.png'}",
+                "--out",
+                str(out),
+            ]
+        )
     assert rc == 0
     summary = json.loads(buf.getvalue().strip().splitlines()[-1])
     return read_frames(out), summary
@@ -108,8 +122,21 @@ def test_eval_run_bench_toy_and_compare_gate(tmp_path) -> None:
     run = tmp_path / "bench-a"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["eval", "run", "--bench", "toy", "--max-samples", "1", "--frames", "45", "--no-progress",
-                   "--out", str(run)])
+        rc = main(
+            [
+                "eval",
+                "run",
+                "--bench",
+                "toy",
+                "--max-samples",
+                "1",
+                "--frames",
+                "45",
+                "--no-progress",
+                "--out",
+                str(run),
+            ]
+        )
     assert rc == 0
     summary = json.loads(buf.getvalue().strip().splitlines()[-1])
     assert summary["benchmark"] == "toy" and summary["checkpoint_id"].startswith("toy-")
@@ -118,8 +145,10 @@ def test_eval_run_bench_toy_and_compare_gate(tmp_path) -> None:
     html = (run / "report.html").read_text()
     assert "data:video/mp4;base64," in html and "data:image/png;base64," in html
     planted = dict(report, run_id="candidate")
-    planted["metrics"] = {**report["metrics"], "garment_match_before": {**report["metrics"]["garment_match_before"],
-                                                                        "value": -1.0}}
+    planted["metrics"] = {
+        **report["metrics"],
+        "garment_match_before": {**report["metrics"]["garment_match_before"], "value": -1.0},
+    }
     (tmp_path / "b.json").write_text(json.dumps(planted))
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["eval", "compare", str(run), str(run)]) == 0

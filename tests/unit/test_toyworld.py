@@ -34,15 +34,28 @@ def degrade(frames: np.ndarray, seed: int = 0) -> np.ndarray:
     return np.clip(np.round(s), 0, 255).astype(np.uint8)
 
 
-def scene(kind: str = "still", speed: str = "steadily", top: R.Top | None = None, skin=(224, 180, 150),
-          hair=(30, 25, 20), hair_style: str = "short", bottoms=(40, 50, 90), style: str = "pants",
-          x: float = 0.5, height: float = 0.74, build: float = 1.0, floor: bool = True) -> R.Scene:
+def scene(
+    kind: str = "still",
+    speed: str = "steadily",
+    top: R.Top | None = None,
+    skin=(224, 180, 150),
+    hair=(30, 25, 20),
+    hair_style: str = "short",
+    bottoms=(40, 50, 90),
+    style: str = "pants",
+    x: float = 0.5,
+    height: float = 0.74,
+    build: float = 1.0,
+    floor: bool = True,
+) -> R.Scene:
     return R.Scene(
         R.Identity(skin, hair, hair_style, height, build),
         top or R.Top(RED, BLUE, "solid", "short"),
         R.Bottoms(bottoms, style),
         R.Background((220, 230, 220), (170, 160, 150) if floor else None, 0.8, 0.06),
-        R.Motion(kind, speed), x=x, feet=0.93 if kind != "toward" else 0.86,
+        R.Motion(kind, speed),
+        x=x,
+        feet=0.93 if kind != "toward" else 0.86,
     )
 
 
@@ -137,8 +150,18 @@ def test_background_with_a_person_at_the_border():
     assert p["clipped_side"] and p["cx"] == pytest.approx(R.pose_at(s, 0, H, W).x, abs=1.5)
 
 
-@pytest.mark.parametrize("case", ["wave_bun", "skirt_long_hair", "near_left_edge", "near_right_edge", "jump_bald",
-                                  "head_cut_off_wave", "head_cut_off_jump"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "wave_bun",
+        "skirt_long_hair",
+        "near_left_edge",
+        "near_right_edge",
+        "jump_bald",
+        "head_cut_off_wave",
+        "head_cut_off_jump",
+    ],
+)
 def test_locate_person_known_answers(case):
     tall = dict(height=0.9, top=R.Top(RED, BLUE, "stripes", "short"))
     s, t = {
@@ -223,8 +246,9 @@ def test_identity_and_bottoms_against_the_reference():
     other_skin = R.render_frame(replace(base, identity=replace(base.identity, skin=(170, 120, 90))), 10, H, W)
     other_hair = R.render_frame(replace(base, identity=replace(base.identity, hair=(220, 190, 120))), 10, H, W)
     bald = R.render_frame(replace(base, identity=replace(base.identity, hair_style="none")), 10, H, W)
-    other_bottoms = [R.render_frame(replace(base, bottoms=R.Bottoms(c, "pants")), 10, H, W)
-                     for c in ((150, 130, 95), (60, 60, 70))]  # Delta-E 58 and 21 from (40, 50, 90)
+    other_bottoms = [
+        R.render_frame(replace(base, bottoms=R.Bottoms(c, "pants")), 10, H, W) for c in ((150, 130, 95), (60, 60, 70))
+    ]  # Delta-E 58 and 21 from (40, 50, 90)
     skirt_same_colour = R.render_frame(replace(base, bottoms=R.Bottoms(base.bottoms.colour, "skirt")), 10, H, W)
     for deg in (False, True):
         f = degrade if deg else (lambda x: x)

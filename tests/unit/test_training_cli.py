@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import services.cli.main as cli_main
-from services.cli import train as train_cmd
 from shared.media.video import probe_video
 from shared.models.checkpoint import load_checkpoint
 from training.metrics import TENSORBOARD_AVAILABLE
@@ -20,9 +19,6 @@ from training.metrics import TENSORBOARD_AVAILABLE
 
 @pytest.fixture(autouse=True)
 def _cli_with_train(monkeypatch):
-    """Until `train` is wired into services/cli/main.py, add it for these tests."""
-    if train_cmd not in cli_main.COMMANDS:
-        monkeypatch.setattr(cli_main, "COMMANDS", (*cli_main.COMMANDS, train_cmd))
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -38,14 +34,39 @@ def run(capsys, *args: str) -> tuple[int, dict | None, str]:
 
 def test_preprocess_train_export_generate(tmp_path: Path, capsys) -> None:
     data, runs, ckpt = tmp_path / "data", tmp_path / "runs", tmp_path / "ckpt"
-    rc, summary, err = run(capsys, "train", "preprocess", "--synthetic", "2", "--max-pixel-frames", "21",
-                           "--dtype", "float32", "--out", str(data))
+    rc, summary, err = run(
+        capsys,
+        "train",
+        "preprocess",
+        "--synthetic",
+        "2",
+        "--max-pixel-frames",
+        "21",
+        "--dtype",
+        "float32",
+        "--out",
+        str(data),
+    )
     assert rc == 0, err
     assert summary["samples"] == 2 and (data / "index.json").is_file()
 
-    rc, summary, err = run(capsys, "train", "teacher", "--recipe", "tiny", "--data", str(data),
-                           "--run-dir", str(runs / "teacher"), "--set", "run.max_steps=4", "--set", "run.log_every=2",
-                           "--set", "run.tensorboard=true")
+    rc, summary, err = run(
+        capsys,
+        "train",
+        "teacher",
+        "--recipe",
+        "tiny",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(runs / "teacher"),
+        "--set",
+        "run.max_steps=4",
+        "--set",
+        "run.log_every=2",
+        "--set",
+        "run.tensorboard=true",
+    )
     assert rc == 0, err
     if TENSORBOARD_AVAILABLE:
         assert list((runs / "teacher" / "tensorboard").glob("events.out.tfevents.*"))
@@ -53,8 +74,19 @@ def test_preprocess_train_export_generate(tmp_path: Path, capsys) -> None:
     rows = [json.loads(line) for line in (runs / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2, 3]
 
-    rc, summary, err = run(capsys, "train", "teacher", "--recipe", "tiny", "--data", str(data),
-                           "--run-dir", str(runs / "teacher"), "--set", "run.max_steps=5")
+    rc, summary, err = run(
+        capsys,
+        "train",
+        "teacher",
+        "--recipe",
+        "tiny",
+        "--data",
+        str(data),
+        "--run-dir",
+        str(runs / "teacher"),
+        "--set",
+        "run.max_steps=5",
+    )
     assert rc == 0 and summary["resumed_from"] == 4 and summary["step"] == 5, err
 
     rc, summary, err = run(capsys, "train", "export", "--from", str(runs / "teacher"), "--out", str(ckpt))
@@ -67,9 +99,22 @@ def test_preprocess_train_export_generate(tmp_path: Path, capsys) -> None:
     ref, garment, clip = tmp_path / "ref.png", tmp_path / "garment.png", tmp_path / "clip.mp4"
     Image.fromarray(np.full((96, 128, 3), 120, np.uint8)).save(ref)
     Image.new("RGB", (40, 60), (200, 30, 30)).save(garment)
-    rc, summary, err = run(capsys, "generate", "--checkpoint", str(ckpt), "--reference", str(ref),
-                           "--garment", str(garment), "--prompt", "a person turns slowly", "--chunks", "2",
-                           "--out", str(clip))
+    rc, summary, err = run(
+        capsys,
+        "generate",
+        "--checkpoint",
+        str(ckpt),
+        "--reference",
+        str(ref),
+        "--garment",
+        str(garment),
+        "--prompt",
+        "a person turns slowly",
+        "--chunks",
+        "2",
+        "--out",
+        str(clip),
+    )
     assert rc == 0, err
     assert summary["checkpoint_id"] == "tiny-teacher-step5" and probe_video(clip).num_frames == 21
 

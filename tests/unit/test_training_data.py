@@ -29,18 +29,11 @@ from training.data.preprocess import (
 )
 from training.data.synthetic import synthetic_samples
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and the machine is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def encoded(_one_thread, tmp_path_factory):
+def encoded(one_torch_thread, tmp_path_factory):
     preset = get_preset("tiny")
     comps = build_random(preset, seed=0, parts=frozenset({"vae", "text_encoder"}))
     samples = synthetic_samples(5, 96, 128, pixel_frames=23, seed=3)  # 23 pixel frames -> cut to 21
@@ -90,7 +83,14 @@ def test_epoch_order_is_a_deterministic_permutation():
     again = EpochOrder(eligible, seed=5)
     assert [again.locate(i) for i in range(2 * n)] == [order.locate(i) for i in range(2 * n)]
     plain = EpochOrder(eligible, seed=5, shuffle=False)
-    assert [(r.shard, r.slot) for r in (plain.locate(i) for i in range(n))] == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (3, 1)]
+    assert [(r.shard, r.slot) for r in (plain.locate(i) for i in range(n))] == [
+        (0, 0),
+        (0, 1),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+        (3, 1),
+    ]
 
 
 def test_ranks_split_the_global_batch_and_resume_by_position(encoded):

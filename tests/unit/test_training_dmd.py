@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.models.attention import use_attention_backend
 from shared.models.checkpoint import build_random
 from shared.models.dit import InContextWanDiT
 from shared.models.presets import get_preset
@@ -26,14 +25,7 @@ from training.rewards import (
 )
 from training.trainer import DMDRun
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _math_one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with use_attention_backend("math"):
-        yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("math_attention")
 
 
 PRESET = get_preset("tiny")
@@ -65,8 +57,9 @@ def _batch(seed: int = 0) -> dict:
 def _objective(reward) -> GRDMD:
     cfg = get_recipe("tiny").dmd  # 6 latent frames = 2 chunks
     rope = RopeTable(PRESET.dit.attention_head_dim, PRESET.token_grid())
-    return GRDMD(PRESET, cfg, seed=0, rope=rope, reward=reward, null_text=None,
-                 device=torch.device("cpu"), dtype=torch.float32)
+    return GRDMD(
+        PRESET, cfg, seed=0, rope=rope, reward=reward, null_text=None, device=torch.device("cpu"), dtype=torch.float32
+    )
 
 
 def test_frame_weights():
@@ -74,7 +67,15 @@ def test_frame_weights():
     w = frame_weights(r, tau=0.2)
     assert w.argmax().item() == 1 and w[0, 1] > w[0, 2] > w[0, 0] == w[0, 3], "lower reward, larger weight"
     assert w.sum().item() == pytest.approx(4.0)
-    torch.testing.assert_close(w, 4 * torch.softmax(-r / 0.2, dim=1))
+    # by hand: exp(-(r - 0.5) / 0.2) = [e^-2, 1, e^-1, e^-2], times 4 / (1 + e^-1 + 2 e^-2)
+    torch.testing.assert_close(w, torch.tensor([[0.330378, 2.441183, 0.898061, 0.330378]]), rtol=0, atol=1e-6)
+    # rewards tau*ln(1, 2, 4) weigh 1 : 1/2 : 1/4, mean 1: exactly 12/7, 6/7, 3/7
+    w3 = frame_weights(
+        torch.tensor([[0.0, 0.2 * 0.6931471805599453, 0.2 * 1.3862943611198906]], dtype=torch.float64), 0.2
+    )
+    torch.testing.assert_close(w3, torch.tensor([[12 / 7, 6 / 7, 3 / 7]], dtype=torch.float64))
+    # per sample: a second row of other rewards does not change the first
+    torch.testing.assert_close(frame_weights(torch.cat([r, torch.tensor([[0.1, 0.2, 0.3, 0.4]])]), 0.2)[:1], w)
     assert torch.equal(frame_weights(torch.full((2, 7), 0.3), 0.2), torch.ones(2, 7)), "constant reward: exactly 1"
     sharp, flat = frame_weights(r, 0.05), frame_weights(r, 5.0)
     assert sharp[0, 1] > w[0, 1] > flat[0, 1] > 1.0
@@ -167,8 +168,15 @@ def test_aesthetic_proxy_reward_shapes():
 
 def test_fake_score_and_generator_step_five_to_one(tmp_path):
     make_synthetic_dataset(tmp_path / "data", count=2, pixel_frames=21)
-    recipe = load_recipe("tiny", {"dmd.data.root": str(tmp_path / "data"), "dmd.run.max_steps": 10,
-                                  "dmd.run.checkpoint_every": 100, "dmd.reward.kind": "constant"})
+    recipe = load_recipe(
+        "tiny",
+        {
+            "dmd.data.root": str(tmp_path / "data"),
+            "dmd.run.max_steps": 10,
+            "dmd.run.checkpoint_every": 100,
+            "dmd.reward.kind": "constant",
+        },
+    )
     run = DMDRun(recipe, tmp_path / "run", DistInfo())
     steps = {"generator": [], "fake": []}
     for name, opt in (("generator", run.gen_optimizer), ("fake", run.fake_optimizer)):

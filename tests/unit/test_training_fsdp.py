@@ -19,13 +19,15 @@ STAGES = ["teacher", "teacher_forcing", "dmd"]
 def _recipe(data, batch: int, checkpointing: bool):
     overrides = {}
     for stage in STAGES:
-        overrides.update({
-            f"{stage}.data.root": str(data),
-            f"{stage}.data.batch_size": batch,
-            f"{stage}.run.max_steps": 3,
-            f"{stage}.run.checkpoint_every": 100,
-            f"{stage}.parallel.activation_checkpointing": checkpointing,
-        })
+        overrides.update(
+            {
+                f"{stage}.data.root": str(data),
+                f"{stage}.data.batch_size": batch,
+                f"{stage}.run.max_steps": 3,
+                f"{stage}.run.checkpoint_every": 100,
+                f"{stage}.parallel.activation_checkpointing": checkpointing,
+            }
+        )
     overrides["dmd.fake_updates_per_generator"] = 2  # generator steps at 0 and 2
     overrides["dmd.reward.kind"] = "aesthetic-proxy"
     return load_recipe("tiny", overrides)
@@ -45,7 +47,12 @@ def test_fsdp_two_processes_match_single_process(tmp_path):
     finally:
         torch.set_num_threads(previous)
 
-    for stage, key in [("teacher", "loss"), ("teacher_forcing", "loss"), ("dmd", "fake_loss"), ("dmd", "generator_loss")]:
+    for stage, key in [
+        ("teacher", "loss"),
+        ("teacher_forcing", "loss"),
+        ("dmd", "fake_loss"),
+        ("dmd", "generator_loss"),
+    ]:
         a = [h[key] for h in single[stage] if key in h]
         b = [h[key] for h in sharded[stage] if key in h]
         assert len(a) == len(b) == (2 if key == "generator_loss" else 3), (stage, key)

@@ -8,25 +8,16 @@ import pytest
 import torch
 
 from training.config import load_recipe
-from training.data.synthetic import make_synthetic_dataset
 from training.metrics import read_metrics
 from training.parallel import DistInfo
 from training.trainer import make_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, _one_thread):
-    root = tmp_path_factory.mktemp("data")
-    make_synthetic_dataset(root, count=3, pixel_frames=21)
-    return root
+def data(synthetic_data):
+    return synthetic_data(count=3, pixel_frames=21)
 
 
 def _losses(history, key):
@@ -39,8 +30,15 @@ def _assert_same_weights(a, b):
 
 
 def test_teacher_resume_is_exact(data, tmp_path):
-    recipe = load_recipe("tiny", {"teacher.data.root": str(data), "teacher.run.max_steps": 6,
-                                  "teacher.run.checkpoint_every": 3, "teacher.run.grad_accum": 2})
+    recipe = load_recipe(
+        "tiny",
+        {
+            "teacher.data.root": str(data),
+            "teacher.run.max_steps": 6,
+            "teacher.run.checkpoint_every": 3,
+            "teacher.run.grad_accum": 2,
+        },
+    )
     full = make_run(recipe, "teacher", tmp_path / "full", DistInfo())
     expected = full.run()
 
@@ -56,8 +54,7 @@ def test_teacher_resume_is_exact(data, tmp_path):
 
 
 def test_dmd_resume_is_exact(data, tmp_path):
-    recipe = load_recipe("tiny", {"dmd.data.root": str(data), "dmd.run.max_steps": 7,
-                                  "dmd.run.checkpoint_every": 100})
+    recipe = load_recipe("tiny", {"dmd.data.root": str(data), "dmd.run.max_steps": 7, "dmd.run.checkpoint_every": 100})
     full = make_run(recipe, "dmd", tmp_path / "full", DistInfo())
     expected = full.run()
     head = make_run(recipe, "dmd", tmp_path / "split", DistInfo()).run(max_steps=3)

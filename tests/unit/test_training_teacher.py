@@ -14,27 +14,18 @@ from shared.models.dit import DenseAttention, InContextWanDiT
 from shared.models.presets import get_preset
 from shared.models.rope import RopeTable
 from training.config import get_recipe, load_recipe
-from training.data.synthetic import make_synthetic_dataset
 from training.flow import keyed_generator
 from training.models import PEFT_AVAILABLE, TrainDiT, merged_state_dict
 from training.parallel import DistInfo
 from training.teacher import choose_text
 from training.trainer import make_run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def one_sample(tmp_path_factory, _one_thread):
-    root = tmp_path_factory.mktemp("one")
-    make_synthetic_dataset(root, count=1, pixel_frames=9)  # 3 latent frames
-    return root
+def one_sample(synthetic_data):
+    return synthetic_data(count=1, pixel_frames=9)  # 3 latent frames
 
 
 def _teacher(root, **overrides):
@@ -43,8 +34,9 @@ def _teacher(root, **overrides):
 
 
 def test_teacher_overfits_one_sample(one_sample, tmp_path):
-    recipe = _teacher(one_sample, **{"run.max_steps": 300, "optim.lr": 1e-3, "optim.lr_steps": [],
-                                     "data.dynamic_caption_prob": 0.0})
+    recipe = _teacher(
+        one_sample, **{"run.max_steps": 300, "optim.lr": 1e-3, "optim.lr_steps": [], "data.dynamic_caption_prob": 0.0}
+    )
     history = make_run(recipe, "teacher", tmp_path / "run", DistInfo()).run()
     losses = [h["loss"] for h in history]
     first, last = statistics.mean(losses[:20]), statistics.mean(losses[-20:])
@@ -96,8 +88,9 @@ def test_attention_only_finetune_freezes_the_rest(one_sample, tmp_path):
 
 @pytest.mark.skipif(not PEFT_AVAILABLE, reason="LoRA needs peft (the train extra)")
 def test_lora_trains_adapters_and_merges_into_diffusers_keys(one_sample, tmp_path):
-    recipe = _teacher(one_sample, **{"run.max_steps": 3, "finetune.mode": "lora", "finetune.lora_rank": 4,
-                                     "finetune.lora_alpha": 4})
+    recipe = _teacher(
+        one_sample, **{"run.max_steps": 3, "finetune.mode": "lora", "finetune.lora_rank": 4, "finetune.lora_alpha": 4}
+    )
     run = make_run(recipe, "teacher", tmp_path / "run", DistInfo())
     assert all("lora_" in n for n, p in run.model.named_parameters() if p.requires_grad)
     base_q = run.model.state_dict()["transformer.blocks.0.attn1.to_q.base_layer.weight"].clone()

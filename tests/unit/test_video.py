@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -165,7 +166,7 @@ def test_fmp4_decodes_with_one_keyframe_per_chunk(fmp4_pieces: tuple[list[bytes]
     key_idx = [i for i, f in enumerate(decoded) if f.key_frame]
     assert key_idx == list(np.cumsum((0,) + CHUNKS[:-1]))
     pts = [f.pts for f in decoded]
-    assert all(b > a for a, b in zip(pts, pts[1:]))
+    assert all(b > a for a, b in itertools.pairwise(pts))
     times = [float(p * time_base) for p in pts]
     assert times == pytest.approx([i / 24 for i in range(45)], abs=1e-6)
     rgb = np.stack([f.to_ndarray(format="rgb24") for f in decoded])

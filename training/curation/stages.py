@@ -29,7 +29,7 @@ from PIL import Image
 
 from shared.media.video import read_frames, write_mp4
 from shared.storage.base import ObjectStore
-from shared.storage.config import open_store
+from shared.storage.factory import open_store
 
 from . import edit as edit_mod
 from . import filters, shots

@@ -32,16 +32,16 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from shared.storage.base import ObjectNotFound, ObjectStore
 from shared.vlm import (  # the shared transport / parsing (see module docstring)
     InvalidAnswer,
     Permanent,
     Transient,
-    json_objects,
     encode_jpeg,
+    json_objects,
     openai_answer,
     post_json,
 )
-from shared.storage.base import ObjectNotFound, ObjectStore
 
 from .config import VLMConfig
 

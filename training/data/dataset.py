@@ -28,8 +28,13 @@ from .format import INDEX_FILE, NULL_TEXT_FILE, DatasetIndex, tensor_key
 class ShardSource:
     """Where shards live: a local folder, or an object-store prefix mirrored into `cache_dir`."""
 
-    def __init__(self, root: str | Path | None = None, store: ObjectStore | None = None, prefix: str = "",
-                 cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        root: str | Path | None = None,
+        store: ObjectStore | None = None,
+        prefix: str = "",
+        cache_dir: str | Path | None = None,
+    ):
         if (root is None) == (store is None):
             raise ValueError("give either a local dataset folder or an object store")
         if store is not None and cache_dir is None:
@@ -174,8 +179,18 @@ class SampleStream(IterableDataset):
     [r * per_rank, (r + 1) * per_rank). `position` is the global position of the next batch.
     """
 
-    def __init__(self, dataset: LatentDataset, *, seed: int, per_rank: int, rank: int = 0, world_size: int = 1,
-                 latent_frames: int | None = None, shuffle: bool = True, start: int = 0):
+    def __init__(
+        self,
+        dataset: LatentDataset,
+        *,
+        seed: int,
+        per_rank: int,
+        rank: int = 0,
+        world_size: int = 1,
+        latent_frames: int | None = None,
+        shuffle: bool = True,
+        start: int = 0,
+    ):
         self.dataset = dataset
         self.order = EpochOrder(dataset.eligible, seed, shuffle)
         self.per_rank, self.rank, self.world_size = per_rank, rank, world_size

@@ -24,11 +24,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from shared.media.image_tensors import to_tensor
 from shared.media.images import (
     load_image,
     prepare_garment,
     prepare_reference,
-    to_tensor,
 )
 from shared.media.video import read_frames
 from shared.models.checkpoint import Components
@@ -133,7 +133,9 @@ class ShardWriter:
         save_file(self._tensors, str(path), metadata={"samples": str(len(self._records))})
         data = path.read_bytes()
         self._shards.append(
-            ShardRecord(file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), samples=tuple(self._records))
+            ShardRecord(
+                file=name, bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), samples=tuple(self._records)
+            )
         )
         self._tensors, self._records = {}, []
 
@@ -177,7 +179,9 @@ def preprocess(
     for sample in samples:
         count = usable_pixel_frames(len(sample.video), max_pixel_frames, vae.temporal_factor)
         video = vae.encode_video(_video_pixels(sample.video, height, width, count).to(device, vdtype))[0]
-        ref = vae.encode_image(to_tensor(prepare_reference(sample.reference, height, width))[None].to(device, vdtype))[0]
+        ref = vae.encode_image(to_tensor(prepare_reference(sample.reference, height, width))[None].to(device, vdtype))[
+            0
+        ]
         gar = vae.encode_image(to_tensor(prepare_garment(sample.garment, height, width))[None].to(device, vdtype))[0]
         texts = text_encoder.encode([sample.full_caption, sample.dynamic_caption])  # [2, L, D]
         tensors = {

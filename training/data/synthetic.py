@@ -45,8 +45,15 @@ def _person(height: int, width: int, cx: int, colour: tuple[int, int, int]) -> n
     return np.asarray(img, dtype=np.uint8)
 
 
-def make_synthetic_dataset(out_dir, count: int = 2, pixel_frames: int = 21, preset: str = "tiny",
-                           samples_per_shard: int = 2, seed: int = 0, weights_seed: int = 0):
+def make_synthetic_dataset(
+    out_dir,
+    count: int = 2,
+    pixel_frames: int = 21,
+    preset: str = "tiny",
+    samples_per_shard: int = 2,
+    seed: int = 0,
+    weights_seed: int = 0,
+):
     """Preprocess `count` synthetic samples with random `preset` encoders into `out_dir` (float32)."""
     from shared.models.checkpoint import build_random
     from shared.models.presets import get_preset

@@ -226,7 +226,7 @@ serve.deployments key; the chart test checks they are exactly services.app.DEPLO
 {{- end -}}
 {{- $deployments = append $deployments $dep -}}
 {{- end -}}
-{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "services.studio.wire.add_StudioServicer_to_server") -}}
+{{- $grpc := dict "port" (int $v.serve.grpcPort) "grpc_servicer_functions" (list "services.studio.wire.add_StudioServicer_to_server" "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server") "enable_reflection" true -}}
 {{- if $v.serve.grpcRequestTimeoutS -}}{{- $_ := set $grpc "request_timeout_s" (float64 $v.serve.grpcRequestTimeoutS) -}}{{- end -}}
 {{- $app := dict "name" $v.serve.appName "route_prefix" "/" "import_path" "services.serve_entry:app" "deployments" $deployments -}}
 {{- $cfg := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $v.serve.httpPort)) "grpc_options" $grpc "logging_config" (dict "encoding" "JSON" "log_level" "INFO") "applications" (list $app) -}}

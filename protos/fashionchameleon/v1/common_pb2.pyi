@@ -32,6 +32,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_FIELD_INVALID: _ClassVar[ErrorReason]
     ERROR_REASON_REQUEST_MALFORMED: _ClassVar[ErrorReason]
     ERROR_REASON_RESUME_PAST_END: _ClassVar[ErrorReason]
+    ERROR_REASON_GENERATOR_UNAVAILABLE: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason
 ERROR_REASON_SESSION_NOT_ACTIVE: ErrorReason
@@ -55,6 +56,7 @@ ERROR_REASON_API_KEY_INVALID: ErrorReason
 ERROR_REASON_FIELD_INVALID: ErrorReason
 ERROR_REASON_REQUEST_MALFORMED: ErrorReason
 ERROR_REASON_RESUME_PAST_END: ErrorReason
+ERROR_REASON_GENERATOR_UNAVAILABLE: ErrorReason
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "catalog_id", "object_key", "content_type")
@@ -77,6 +79,12 @@ class SwitchOptions(_message.Message):
     withdraw_history_kv: bool
     disentangle_reference_kv: bool
     def __init__(self, refresh_garment_kv: _Optional[bool] = ..., withdraw_history_kv: _Optional[bool] = ..., disentangle_reference_kv: _Optional[bool] = ...) -> None: ...
+
+class PromptOptions(_message.Message):
+    __slots__ = ("recache_window",)
+    RECACHE_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    recache_window: bool
+    def __init__(self, recache_window: _Optional[bool] = ...) -> None: ...
 
 class SessionOptions(_message.Message):
     __slots__ = ("seed", "max_chunks", "max_duration_seconds", "width", "height", "switch_options", "preset", "idle_timeout_seconds")

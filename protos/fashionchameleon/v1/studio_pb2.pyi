@@ -154,14 +154,16 @@ class SwitchGarmentResponse(_message.Message):
     def __init__(self, effective_chunk_index: _Optional[int] = ..., garment_id: _Optional[str] = ...) -> None: ...
 
 class UpdatePromptRequest(_message.Message):
-    __slots__ = ("session_id", "prompt", "request_id")
+    __slots__ = ("session_id", "prompt", "request_id", "options")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt: str
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    options: _common_pb2.PromptOptions
+    def __init__(self, session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., request_id: _Optional[str] = ..., options: _Optional[_Union[_common_pb2.PromptOptions, _Mapping]] = ...) -> None: ...
 
 class UpdatePromptResponse(_message.Message):
     __slots__ = ("effective_chunk_index", "prompt_revision")

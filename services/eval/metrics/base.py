@@ -71,26 +71,26 @@ class MetricResult:
             raise ValueError(f"{self.key}: a {self.status} result needs a reason")
 
     @classmethod
-    def ok(cls, key: str, value: float, model: str | None = None, **details: Any) -> "MetricResult":
+    def ok(cls, key: str, value: float, model: str | None = None, **details: Any) -> MetricResult:
         return cls(key, float(value), "ok", None, model, details)
 
     @classmethod
-    def unavailable(cls, key: str, reason: str, model: str | None = None) -> "MetricResult":
+    def unavailable(cls, key: str, reason: str, model: str | None = None) -> MetricResult:
         return cls(key, None, "unavailable", reason, model)
 
     @classmethod
-    def missing(cls, key: str, reason: str, model: str | None = None, **details: Any) -> "MetricResult":
+    def missing(cls, key: str, reason: str, model: str | None = None, **details: Any) -> MetricResult:
         return cls(key, None, "missing", reason, model, details)
 
     @classmethod
-    def error(cls, key: str, reason: str, model: str | None = None) -> "MetricResult":
+    def error(cls, key: str, reason: str, model: str | None = None) -> MetricResult:
         return cls(key, None, "error", reason, model)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MetricResult":
+    def from_dict(cls, d: dict[str, Any]) -> MetricResult:
         return cls(d["key"], d["value"], d["status"], d.get("reason"), d.get("model"), d.get("details") or {})
 
 

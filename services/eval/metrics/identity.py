@@ -190,5 +190,5 @@ def face_similarity(
             continue
         c = float(np.dot(ref, e))
         sims.append(max(0.0, c) if clip_negative else c)
-    details = {"frames_sampled": int(len(idx)), "faces_detected": len(sims)}
+    details = {"frames_sampled": len(idx), "faces_detected": len(sims)}
     return MetricResult.ok(KEY, float(np.mean(sims)) if sims else 0.0, embedder.name, **details)

@@ -76,7 +76,7 @@ def qalign_smoothness(scorer: WindowScorer, video: SampleVideo, window: int, thr
         "temporal_smoothness_qalign",
         1.0 - len(bad) / len(scores),
         scorer.name,
-        artifact_frames=int(len(bad)),
+        artifact_frames=len(bad),
         mean_quality=float(scores.mean()),
     )
 
@@ -86,7 +86,7 @@ def gme_alignment(embedder: TextImageEmbedder, video: SampleVideo, num_frames: i
     text = np.asarray(embedder.embed_text(video.prompt, instruction), dtype=np.float64).reshape(-1)
     images = np.asarray(embedder.embed_images([Image.fromarray(video.frames[i]) for i in idx]), dtype=np.float64)
     sims = images @ text  # [N]
-    return MetricResult.ok("text_alignment_gme", float(sims.mean()), embedder.name, frames=int(len(idx)))
+    return MetricResult.ok("text_alignment_gme", float(sims.mean()), embedder.name, frames=len(idx))
 
 
 def _local_folder(path: Path, what: str) -> Path:

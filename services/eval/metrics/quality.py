@@ -26,6 +26,7 @@ from shared.media.quality import WEIGHTFREE_MODEL, frame_quality
 
 from .base import MetricResult, SampleVideo, sample_indices
 
+
 def weightfree_quality(video: SampleVideo, num_frames: int) -> MetricResult:
     idx = sample_indices(video.frames.shape[0], num_frames)
     per = [frame_quality(video.frames[i]) for i in idx]

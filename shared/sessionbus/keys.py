@@ -1,4 +1,4 @@
-"""Every Redis key name used by shared.queue, built in one place.
+"""Every Redis key name of the session bus (shared.sessionbus), built in one place.
 
 Layout (namespace `fc`, session `abc`):
 
@@ -14,6 +14,7 @@ Layout (namespace `fc`, session `abc`):
     fc:session:{abc}:request:<h>     hash    idempotency record of a control request_id
     fc:session:{abc}:prompt_rev      string  last assigned prompt revision
     fc:quota:tenant:<tenant>         zset    quota reservations, score = deadline (+inf: held)
+    fc:index:generators              zset    generator replicas admitting sessions, score = deadline
 
 The `{session_id}` hash tag puts all of a session's keys on one Redis Cluster slot, so the
 Lua scripts that keep them consistent touch a single slot. The index keys are global and
@@ -24,18 +25,9 @@ by readers and the reaper (see sessions.py).
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 
-# Ids end up inside key names and hash tags: no braces, no whitespace, bounded length.
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:@/\-]{1,128}$")
-
-
-def validate_id(value: str, what: str) -> str:
-    """Return `value` if it is usable as a session/tenant/replica id inside a key name."""
-    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
-        raise ValueError(f"invalid {what} {value!r}: expected 1-128 chars of [A-Za-z0-9_.:@/-]")
-    return value
+from shared.redis_util import validate_id, validate_namespace
 
 
 @dataclass(frozen=True)
@@ -57,9 +49,7 @@ class KeySpace:
     """Builds namespaced key names. The namespace separates deployments sharing one Redis."""
 
     def __init__(self, namespace: str) -> None:
-        if not namespace or "{" in namespace or "}" in namespace:
-            raise ValueError(f"invalid namespace {namespace!r}")
-        self.namespace = namespace
+        self.namespace = validate_namespace(namespace)
 
     def session(self, session_id: str) -> SessionKeys:
         base = f"{self.namespace}:session:{{{validate_id(session_id, 'session id')}}}"
@@ -88,6 +78,10 @@ class KeySpace:
 
     def live_index(self) -> str:
         return f"{self.namespace}:index:live"
+
+    def generator_index(self) -> str:
+        """Generator replicas that can admit sessions: member = replica id, score = heartbeat deadline."""
+        return f"{self.namespace}:index:generators"
 
     def replica_index(self, replica: str) -> str:
         return f"{self.namespace}:index:replica:{validate_id(replica, 'replica')}"

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import CliError, Parser, add_engine_arguments, engine_config, print_json, shipped_checkpoint
+from shared.cli import CliError, Parser, add_engine_arguments, engine_config, print_json, shipped_checkpoint
 
 SMOKE = "smoke"
 TOY = "toy"
@@ -37,8 +37,13 @@ def _run_toy_bench(args) -> int:
         raise CliError("--bench toy runs through the engine; give --checkpoint (or nothing: the shipped toy model)")
     frames = args.frames or 93  # 8 chunks
     chunks = max(2, 1 + (frames - 9 + 11) // 12)
-    variant = Variant(name=args.label or "default", refresh=args.refresh, withdraw=args.withdraw,
-                      disentangle=args.disentangle, chunks=chunks)
+    variant = Variant(
+        name=args.label or "default",
+        refresh=args.refresh,
+        withdraw=args.withdraw,
+        disentangle=args.disentangle,
+        chunks=chunks,
+    )
     if args.preset is not None:
         engine = Engine.from_preset(args.preset, engine_config(args, _preset(args.preset)), seed=args.weights_seed)
     else:
@@ -49,19 +54,29 @@ def _run_toy_bench(args) -> int:
     progress = None
     if not args.no_progress:
         from tqdm import tqdm as progress
-    report = run_bench(args.checkpoint or args.preset, Path(args.out), samples=args.max_samples or 8, chunks=chunks,
-                       variant=variant, progress=progress, engine=engine, label=args.label)
+    report = run_bench(
+        args.checkpoint or args.preset,
+        Path(args.out),
+        samples=args.max_samples or 8,
+        chunks=chunks,
+        variant=variant,
+        progress=progress,
+        engine=engine,
+        label=args.label,
+    )
     run_dir = Path(args.out)
-    print_json({
-        "run_id": report["run_id"],
-        "run_dir": str(run_dir),
-        "benchmark": TOY,
-        "checkpoint_id": report["checkpoint_id"],
-        "samples": report["benchmark"]["samples"],
-        "failed": 0,
-        "reports": {k: str(run_dir / f"report.{k}") for k in ("json", "md", "html")},
-        "metrics": {k: m["value"] for k, m in report["metrics"].items()},
-    })
+    print_json(
+        {
+            "run_id": report["run_id"],
+            "run_dir": str(run_dir),
+            "benchmark": TOY,
+            "checkpoint_id": report["checkpoint_id"],
+            "samples": report["benchmark"]["samples"],
+            "failed": 0,
+            "reports": {k: str(run_dir / f"report.{k}") for k in ("json", "md", "html")},
+            "metrics": {k: m["value"] for k, m in report["metrics"].items()},
+        }
+    )
     return 0
 
 
@@ -286,7 +301,7 @@ def _backend(args, cfg):
         return StudioBackend(client, args.studio, switch_options=sw)
     from shared.models.checkpoint import CheckpointError, build_random, read_preset
     from shared.models.presets import get_preset
-    from shared.runtime.pipeline import Engine
+    from shared.runtime.pipeline import DTYPES, Engine
     from shared.runtime.session import SwitchOptions
 
     try:
@@ -298,7 +313,7 @@ def _backend(args, cfg):
     config = engine_config(args, preset)
     try:
         engine = (
-            Engine(build_random(preset, args.weights_seed, config.torch_dtype), config)
+            Engine(build_random(preset, args.weights_seed, DTYPES[config.dtype]), config)
             if args.preset
             else Engine.from_checkpoint(args.checkpoint, config)
         )
@@ -322,7 +337,7 @@ def run_smoke(args) -> int:
 def run_eval(args) -> int:
     from services.eval.bench import BenchError
     from services.eval.report import write_reports
-    from services.eval.runner import Runner, RunMismatch
+    from services.eval.runner import RunMismatch, Runner
     from services.eval.scoring import Scorer
 
     if args.max_samples is not None and args.max_samples < 1:

@@ -28,18 +28,18 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from shared.queue.config import RedisConfig
-from shared.queue.keys import KeySpace, SessionKeys
-
+from shared.redis_util import to_str
+from shared.sessionbus.config import RedisConfig
+from shared.sessionbus.keys import KeySpace, SessionKeys
 
 # --------------------------------------------------------------------------- errors
 
 
-class QueueError(Exception):
-    """Base of every error raised by shared.queue."""
+class SessionBusError(Exception):
+    """Base of every error raised by shared.sessionbus."""
 
 
-class SessionNotFound(QueueError):
+class SessionNotFound(SessionBusError):
     """No such session (or, from `get_for_tenant`, not one of this tenant's sessions)."""
 
     def __init__(self, session_id: str) -> None:
@@ -47,7 +47,7 @@ class SessionNotFound(QueueError):
         self.session_id = session_id
 
 
-class SessionClosed(QueueError):
+class SessionClosed(SessionBusError):
     """The session no longer accepts this operation (it is closing or finished)."""
 
     def __init__(self, session_id: str, detail: str = "") -> None:
@@ -55,7 +55,7 @@ class SessionClosed(QueueError):
         self.session_id = session_id
 
 
-class ChunkOutOfOrder(QueueError):
+class ChunkOutOfOrder(SessionBusError):
     """An appended chunk index is not the next one (`expected`)."""
 
     def __init__(self, index: int, expected: int) -> None:
@@ -68,7 +68,7 @@ class DuplicateChunk(ChunkOutOfOrder):
     """The chunk index was already appended."""
 
 
-class RequestReused(QueueError):
+class RequestReused(SessionBusError):
     """A request_id was already used on this session for a different request body."""
 
     def __init__(self, session_id: str, command_id: str) -> None:
@@ -77,7 +77,7 @@ class RequestReused(QueueError):
         self.command_id = command_id
 
 
-class ChunkExpired(QueueError):
+class ChunkExpired(SessionBusError):
     """The requested chunk was trimmed from the backlog; `oldest` is the oldest one kept."""
 
     def __init__(self, index: int, oldest: int) -> None:
@@ -86,7 +86,7 @@ class ChunkExpired(QueueError):
         self.oldest = oldest
 
 
-class StreamEnded(QueueError):
+class StreamEnded(SessionBusError):
     """The output stream ended before the requested chunk; `end_index` is the marker's index."""
 
     def __init__(self, reason: str, end_index: int) -> None:
@@ -155,7 +155,9 @@ local function publish(control, maxlen, ctype, payload, ts)
 end
 """
 
-_SEND_LUA = LUA_LIB + r"""
+_SEND_LUA = (
+    LUA_LIB
+    + r"""
 -- KEYS: record, control, request record (idempotency), prompt revision counter
 -- ARGV: maxlen, type, payload json, issued_at, request fingerprint ('' = no request_id),
 --       request record ttl (s), assign a prompt revision ('1' / '0')
@@ -185,8 +187,11 @@ inherit_ttl(KEYS[1], KEYS[3])
 inherit_ttl(KEYS[1], KEYS[4])
 return {'OK', id, rev}
 """
+)
 
-_ACK_LUA = LUA_LIB + r"""
+_ACK_LUA = (
+    LUA_LIB
+    + r"""
 -- KEYS: record, results, result_events   ARGV: command id, chunk index, maxlen, cursor field
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
 local prev = redis.call('HGET', KEYS[2], ARGV[1])
@@ -199,8 +204,11 @@ inherit_ttl(KEYS[1], KEYS[2])
 inherit_ttl(KEYS[1], KEYS[3])
 return {'OK', ARGV[2]}
 """
+)
 
-_APPEND_LUA = LUA_LIB + r"""
+_APPEND_LUA = (
+    LUA_LIB
+    + r"""
 -- KEYS: record, output   ARGV: chunk index, payload, meta json, maxlen
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
 local next_index, ended = output_tail(KEYS[2])
@@ -213,23 +221,23 @@ redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], string.format('%d-0', index + 1),
 inherit_ttl(KEYS[1], KEYS[2])
 return {'OK'}
 """
+)
 
-_END_LUA = LUA_LIB + r"""
+_END_LUA = (
+    LUA_LIB
+    + r"""
 -- KEYS: record, output   ARGV: reason, maxlen
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
 local index, reason = write_end(KEYS[2], ARGV[1], ARGV[2])
 inherit_ttl(KEYS[1], KEYS[2])
 return {'OK', index, reason}
 """
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+)
 
 
 def _index_of(stream_id: bytes | str) -> int:
     """Chunk index of an output-stream entry id `<index+1>-0`."""
-    return int(_text(stream_id).split("-", 1)[0]) - 1
+    return int(to_str(stream_id).split("-", 1)[0]) - 1
 
 
 def _stream_entries(response: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -295,7 +303,7 @@ def encode_command_payload(payload: dict[str, Any]) -> str:
 
 def _decode_command(fields: dict[bytes, bytes]) -> ControlCommand:
     return ControlCommand(
-        type=CommandType(_text(fields[b"t"])),
+        type=CommandType(to_str(fields[b"t"])),
         payload=json.loads(fields[b"p"]),
         issued_at=float(fields[b"ts"]),
     )
@@ -373,14 +381,14 @@ class ControlStream:
                 "1" if assign_revision else "0",
             ],
         )
-        status = _text(status)
+        status = to_str(status)
         if status == "NOT_FOUND":
             raise SessionNotFound(self.session_id)
         if status == "CLOSED":
             raise SessionClosed(self.session_id, "no longer accepts commands")
-        command_id, revision = _text(rest[0]), _text(rest[1])
+        command_id, revision = to_str(rest[0]), to_str(rest[1])
         if status == "DUPLICATE":
-            if _text(rest[2]) != fingerprint:
+            if to_str(rest[2]) != fingerprint:
                 raise RequestReused(self.session_id, command_id)
             return SentCommand(command_id, int(revision) if revision else None, True)
         return SentCommand(command_id, int(revision) if revision else None, False)
@@ -392,7 +400,7 @@ class ControlStream:
         `block_ms` for the first one (None: return at once). Advances the cursor."""
         after = self.last_id if last_id is None else last_id
         entries = await self._reader.after(self._keys.control, after, count, block_ms)
-        commands = [(_text(entry_id), _decode_command(fields)) for entry_id, fields in entries]
+        commands = [(to_str(entry_id), _decode_command(fields)) for entry_id, fields in entries]
         if commands:
             self.last_id = commands[-1][0]
         return commands
@@ -409,7 +417,7 @@ class ControlStream:
             keys=[self._keys.record, self._keys.results, self._keys.result_events],
             args=[command_id, effective_chunk_index, self._config.result_backlog_max, RESULTS_CURSOR_FIELD],
         )
-        if _text(status) == "NOT_FOUND":
+        if to_str(status) == "NOT_FOUND":
             raise SessionNotFound(self.session_id)
         return int(rest[0])
 
@@ -421,7 +429,7 @@ class ControlStream:
     async def last_acked_id(self) -> str:
         """Highest acked command id ("0-0" if none): where a new owner resumes reading."""
         value = await self._redis.hget(self._keys.results, RESULTS_CURSOR_FIELD)
-        return "0-0" if value is None else _text(value)
+        return "0-0" if value is None else to_str(value)
 
     async def wait_result(self, command_id: str, timeout_s: float) -> int | None:
         """Wait up to `timeout_s` for `command_id` to be acked; its effective chunk index or None."""
@@ -447,7 +455,8 @@ class ControlStream:
 
 
 class Chunk(NamedTuple):
-    index: int  # chunk index within the session's stream (0-based)
+    # chunk index within the session's stream (0-based); shadows tuple.index, which nobody calls here
+    index: int  # type: ignore[assignment]
     payload: bytes
     meta: dict[str, Any]
 
@@ -488,18 +497,18 @@ class OutputStream:
                 self._config.output_backlog_max_chunks,
             ],
         )
-        status = _text(status)
+        status = to_str(status)
         if status == "OK":
             return
         if status == "NOT_FOUND":
             raise SessionNotFound(self.session_id)
         if status == "ENDED":
-            raise StreamEnded(_text(rest[0]), int(rest[1]))
+            raise StreamEnded(to_str(rest[0]), int(rest[1]))
         if status == "DUPLICATE":
             raise DuplicateChunk(chunk_index, int(rest[0]))
         if status == "GAP":
             raise ChunkOutOfOrder(chunk_index, int(rest[0]))
-        raise QueueError(f"unexpected append status {status!r}")
+        raise SessionBusError(f"unexpected append status {status!r}")
 
     async def end(self, reason: str) -> int:
         """Write the end-of-stream marker (idempotent); returns its index (== chunks written)."""
@@ -507,7 +516,7 @@ class OutputStream:
             keys=[self._keys.record, self._keys.output],
             args=[reason, self._config.output_backlog_max_chunks],
         )
-        if _text(status) == "NOT_FOUND":
+        if to_str(status) == "NOT_FOUND":
             raise SessionNotFound(self.session_id)
         return int(rest[0])
 
@@ -523,7 +532,7 @@ class OutputStream:
         last_id, last_fields = last[0]
         oldest = None if b"end" in first_fields else _index_of(first_id)
         if b"end" in last_fields:
-            return OutputBounds(oldest, _index_of(last_id), _text(last_fields[b"end"]))
+            return OutputBounds(oldest, _index_of(last_id), to_str(last_fields[b"end"]))
         return OutputBounds(oldest, _index_of(last_id) + 1, None)
 
     async def read_from(self, index: int, block_ms: int | None = None, count: int | None = None) -> list[Chunk]:
@@ -576,7 +585,7 @@ class OutputStream:
         if last and b"end" in last[0][1]:
             end_index = _index_of(last[0][0])
             if end_index < index:
-                raise StreamEnded(_text(last[0][1][b"end"]), end_index)
+                raise StreamEnded(to_str(last[0][1][b"end"]), end_index)
         if not exists:
             raise SessionNotFound(self.session_id)
 
@@ -591,6 +600,6 @@ class OutputStream:
             if b"end" in fields:
                 if chunks:
                     break
-                raise StreamEnded(_text(fields[b"end"]), position)
+                raise StreamEnded(to_str(fields[b"end"]), position)
             chunks.append(Chunk(position, fields[b"p"], json.loads(fields[b"m"])))
         return chunks

@@ -38,13 +38,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from shared.queue.config import RedisConfig
-from shared.queue.keys import KeySpace, SessionKeys, validate_id
-from shared.queue.streams import (
+from shared.redis_util import to_str, validate_id
+from shared.sessionbus.config import RedisConfig
+from shared.sessionbus.keys import KeySpace, SessionKeys
+from shared.sessionbus.streams import (
     LUA_LIB,
     ControlStream,
     OutputStream,
-    QueueError,
+    SessionBusError,
     SessionClosed,
     SessionNotFound,
 )
@@ -88,13 +89,13 @@ _META_PREFIX = "m:"
 # --------------------------------------------------------------------------- errors
 
 
-class SessionExists(QueueError):
+class SessionExists(SessionBusError):
     def __init__(self, session_id: str) -> None:
         super().__init__(f"session {session_id!r} already exists")
         self.session_id = session_id
 
 
-class InvalidTransition(QueueError):
+class InvalidTransition(SessionBusError):
     def __init__(self, session_id: str, current: SessionState, target: SessionState) -> None:
         super().__init__(f"session {session_id!r}: transition {current.value} -> {target.value} is not allowed")
         self.session_id = session_id
@@ -102,7 +103,7 @@ class InvalidTransition(QueueError):
         self.target = target
 
 
-class LeaseHeld(QueueError):
+class LeaseHeld(SessionBusError):
     """Another replica holds a live lease on the session."""
 
     def __init__(self, session_id: str, owner: str) -> None:
@@ -111,7 +112,7 @@ class LeaseHeld(QueueError):
         self.owner = owner
 
 
-class LeaseLost(QueueError):
+class LeaseLost(SessionBusError):
     """The caller's lease expired or was taken over: stop serving the session."""
 
     def __init__(self, session_id: str, replica: str) -> None:
@@ -160,7 +161,7 @@ class SessionRecord(BaseModel):
         for key, value in raw.items():
             name, text = key.decode(), value.decode()
             if name.startswith(_META_PREFIX):
-                meta[name[len(_META_PREFIX):]] = json.loads(text)
+                meta[name[len(_META_PREFIX) :]] = json.loads(text)
             else:
                 fields[name] = text
         return cls.model_validate({**fields, "meta": meta})
@@ -186,8 +187,7 @@ _STATE_LUA = (
     + f"local TERMINAL = {_lua_set(TERMINAL_STATES)}\n"
     + "local ALLOWED_FROM = {"
     + ", ".join(
-        f"['{target.value}']={_lua_set(s for s in SessionState if target in TRANSITIONS[s])}"
-        for target in SessionState
+        f"['{target.value}']={_lua_set(s for s in SessionState if target in TRANSITIONS[s])}" for target in SessionState
     )
     + "}\n"
     + "local REAP_TARGET = {"
@@ -196,7 +196,9 @@ _STATE_LUA = (
     + f"local CLOSED = '{SessionState.CLOSED.value}'\n"
 )
 
-_CREATE_LUA = _STATE_LUA + r"""
+_CREATE_LUA = (
+    _STATE_LUA
+    + r"""
 -- KEYS: record, lease, control, results, result_events, output
 -- ARGV: session_id, tenant, replica, state, now, idle_ttl_s, lease_ms, meta field/value pairs...
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'EXISTS'} end
@@ -210,8 +212,11 @@ redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[7])
 return {'OK', redis.call('HGETALL', KEYS[1])}
 """
+)
 
-_TRANSITION_LUA = _STATE_LUA + r"""
+_TRANSITION_LUA = (
+    _STATE_LUA
+    + r"""
 -- KEYS: record, lease, control, results, result_events, output
 -- ARGV: mode (set|close|reap), target, now, reason, retention_ms, control_maxlen, output_maxlen,
 --       meta field/value pairs...
@@ -256,16 +261,22 @@ if TERMINAL[target] then
 end
 return {'OK', state, redis.call('HGETALL', record)}
 """
+)
 
-_TOUCH_LUA = _STATE_LUA + r"""
+_TOUCH_LUA = (
+    _STATE_LUA
+    + r"""
 -- KEYS: record   ARGV: now
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
 if TERMINAL[redis.call('HGET', KEYS[1], 'state')] then return {'CLOSED'} end
 redis.call('HSET', KEYS[1], 'last_activity_at', ARGV[1])
 return {'OK', tostring(tonumber(ARGV[1]) + tonumber(redis.call('HGET', KEYS[1], 'idle_ttl_s')))}
 """
+)
 
-_CLAIM_LUA = _STATE_LUA + r"""
+_CLAIM_LUA = (
+    _STATE_LUA
+    + r"""
 -- KEYS: record, lease   ARGV: replica, lease_ms, now
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'NOT_FOUND'} end
 if TERMINAL[redis.call('HGET', KEYS[1], 'state')] then return {'CLOSED'} end
@@ -276,6 +287,7 @@ local previous = redis.call('HGET', KEYS[1], 'replica')
 if previous ~= ARGV[1] then redis.call('HSET', KEYS[1], 'replica', ARGV[1], 'updated_at', ARGV[3]) end
 return {'OK', previous, redis.call('HGETALL', KEYS[1])}
 """
+)
 
 _RENEW_LUA = r"""
 -- KEYS: lease   ARGV: replica, lease_ms
@@ -309,10 +321,6 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], '+inf', ARGV[2])
 return 1
 """
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ms(seconds: float) -> int:
@@ -387,7 +395,7 @@ class SessionRegistry:
                 *_meta_args(meta or {}),
             ],
         )
-        if _text(status) == "EXISTS":
+        if to_str(status) == "EXISTS":
             raise SessionExists(session_id)
         record = SessionRecord.from_redis(rest[0])
         await self._redis.zadd(self._keys.live_index(), {session_id: record.expires_at})
@@ -413,7 +421,7 @@ class SessionRegistry:
         SessionClosed (terminal sessions cannot be revived)."""
         now = self._clock()
         status, *rest = await self._touch(keys=[self._keys.session(session_id).record], args=[now])
-        status = _text(status)
+        status = to_str(status)
         if status == "NOT_FOUND":
             raise SessionNotFound(session_id)
         if status == "CLOSED":
@@ -455,7 +463,7 @@ class SessionRegistry:
         seen: set[str] = set()
         while True:
             raw_ids = await self._redis.zrangebyscore(live, "-inf", now, start=0, num=batch)
-            session_ids = [sid for sid in map(_text, raw_ids) if sid not in seen]
+            session_ids = [sid for sid in map(to_str, raw_ids) if sid not in seen]
             if not session_ids:
                 return reaped
             for session_id in session_ids:
@@ -474,7 +482,7 @@ class SessionRegistry:
             keys=list(keys.all()),
             args=["reap", "", now, IDLE_TIMEOUT_REASON, *self._transition_limits()],
         )
-        status = _text(reply[0])
+        status = to_str(reply[0])
         if status == "NOT_FOUND":
             await self._redis.zrem(live, session_id)
             return False
@@ -513,7 +521,7 @@ class SessionRegistry:
         return len(records) - len(stale)
 
     async def _indexed_records(self, index: str) -> dict[str, SessionRecord | None]:
-        session_ids = sorted(_text(m) for m in await self._redis.smembers(index))
+        session_ids = sorted(to_str(m) for m in await self._redis.smembers(index))
         if not session_ids:
             return {}
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -555,7 +563,7 @@ class SessionRegistry:
     async def _repair_quota(self, tenant: str) -> int:
         """Drop held entries of sessions that are final or gone; returns how many."""
         key = self._keys.tenant_quota(tenant)
-        held = [_text(m) for m in await self._redis.zrangebyscore(key, "+inf", "+inf")]
+        held = [to_str(m) for m in await self._redis.zrangebyscore(key, "+inf", "+inf")]
         stale = []
         for session_id in held:
             try:
@@ -579,14 +587,14 @@ class SessionRegistry:
         # Index before, unindex after the script (a stale entry is dropped by list_by_replica).
         await self._redis.sadd(self._keys.replica_index(replica), session_id)
         status, *rest = await self._claim(keys=[keys.record, keys.lease], args=[replica, lease_ms, self._clock()])
-        status = _text(status)
+        status = to_str(status)
         if status == "NOT_FOUND":
             raise SessionNotFound(session_id)
         if status == "CLOSED":
             raise SessionClosed(session_id)
         if status == "HELD":
-            raise LeaseHeld(session_id, _text(rest[0]))
-        previous, record = _text(rest[0]), SessionRecord.from_redis(rest[1])
+            raise LeaseHeld(session_id, to_str(rest[0]))
+        previous, record = to_str(rest[0]), SessionRecord.from_redis(rest[1])
         if previous != replica:
             await self._redis.srem(self._keys.replica_index(previous), session_id)
         return record
@@ -602,9 +610,27 @@ class SessionRegistry:
         """Drop `replica`'s lease (no-op if it does not hold it); True if it was held."""
         return bool(await self._release(keys=[self._keys.session(session_id).lease], args=[replica]))
 
+    async def heartbeat(self, replica: str, ttl_s: float | None = None) -> None:
+        """Say that generator `replica` admits sessions for the next `ttl_s` (default: a lease)."""
+        ttl = self._config.session_lease_s if ttl_s is None else ttl_s
+        await self._redis.zadd(self._keys.generator_index(), {validate_id(replica, "replica"): self._clock() + ttl})
+
+    async def retire(self, replica: str) -> None:
+        """`replica` admits no more sessions (it drains or stops)."""
+        await self._redis.zrem(self._keys.generator_index(), replica)
+
+    async def live_generators(self) -> list[str] | None:
+        """Generator replicas whose heartbeat has not lapsed; None if no replica ever sent one
+        (a deployment starting, or one without heartbeats): nothing is known either way."""
+        index, now = self._keys.generator_index(), self._clock()
+        await self._redis.zremrangebyscore(index, "-inf", now - 3600.0)  # long-gone replicas
+        if not await self._redis.exists(index):
+            return None
+        return [to_str(m) for m in await self._redis.zrangebyscore(index, now, "+inf")]
+
     async def lease_owner(self, session_id: str) -> str | None:
         owner = await self._redis.get(self._keys.session(session_id).lease)
-        return None if owner is None else _text(owner)
+        return None if owner is None else to_str(owner)
 
     async def orphaned(self, *, batch: int = 500) -> list[str]:
         """Unfinished sessions whose lease has expired (their replica died or hung): candidates
@@ -619,7 +645,7 @@ class SessionRegistry:
                 replies = await pipe.execute()
             for i, session_id in enumerate(members):
                 has_lease, state = replies[2 * i], replies[2 * i + 1]
-                if not has_lease and state is not None and SessionState(_text(state)) not in TERMINAL_STATES:
+                if not has_lease and state is not None and SessionState(to_str(state)) not in TERMINAL_STATES:
                     orphans.append(session_id)
         return orphans
 
@@ -627,7 +653,7 @@ class SessionRegistry:
         cursor = 0
         while True:
             cursor, members = await self._redis.zscan(self._keys.live_index(), cursor, count=batch)
-            ids = [_text(member) for member, _ in members]
+            ids = [to_str(member) for member, _ in members]
             if ids:
                 yield ids
             if cursor == 0:
@@ -650,11 +676,11 @@ class SessionRegistry:
             keys=list(keys.all()),
             args=[mode, target.value, self._clock(), reason, *self._transition_limits(), *meta_args],
         )
-        status = _text(reply[0])
+        status = to_str(reply[0])
         if status == "NOT_FOUND":
             raise SessionNotFound(session_id)
         if status == "INVALID":
-            return status, SessionState(_text(reply[1]))
+            return status, SessionState(to_str(reply[1]))
         record = SessionRecord.from_redis(reply[2])
         if record.is_terminal:
             await self._unindex(record)

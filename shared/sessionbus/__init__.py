@@ -3,12 +3,13 @@
 - `SessionRegistry` (sessions.py): session records, state machine, idle-TTL reaping,
   replica ownership leases.
 - `ControlStream` / `OutputStream` (streams.py): per-session commands in, video chunks out.
-- `RedisConfig` / `connect` (config.py), `KeySpace` (keys.py): configuration and key names.
+- `RedisConfig` (config.py), `KeySpace` (keys.py): configuration and key names. The Redis
+  client (`connect`) and helpers shared with the job queue (shared.jobs) are in shared.redis_util.
 """
 
-from shared.queue.config import RedisConfig, connect
-from shared.queue.keys import KeySpace, SessionKeys
-from shared.queue.sessions import (
+from shared.sessionbus.config import RedisConfig
+from shared.sessionbus.keys import KeySpace, SessionKeys
+from shared.sessionbus.sessions import (
     OPEN_STATES,
     TERMINAL_STATES,
     TRANSITIONS,
@@ -20,7 +21,7 @@ from shared.queue.sessions import (
     SessionRegistry,
     SessionState,
 )
-from shared.queue.streams import (
+from shared.sessionbus.streams import (
     Chunk,
     ChunkExpired,
     ChunkOutOfOrder,
@@ -30,9 +31,9 @@ from shared.queue.streams import (
     DuplicateChunk,
     OutputBounds,
     OutputStream,
-    QueueError,
     RequestReused,
     SentCommand,
+    SessionBusError,
     SessionClosed,
     SessionNotFound,
     StreamEnded,
@@ -55,10 +56,10 @@ __all__ = [
     "LeaseLost",
     "OutputBounds",
     "OutputStream",
-    "QueueError",
+    "RedisConfig",
     "RequestReused",
     "SentCommand",
-    "RedisConfig",
+    "SessionBusError",
     "SessionClosed",
     "SessionExists",
     "SessionKeys",
@@ -67,5 +68,4 @@ __all__ = [
     "SessionRegistry",
     "SessionState",
     "StreamEnded",
-    "connect",
 ]

@@ -19,14 +19,18 @@ import os
 import time
 from pathlib import Path
 
-from .common import CliError, check_output_folder, print_json
+from shared.cli import CliError, check_output_folder, print_json
 
 STAGE_COMMANDS = {"teacher": "teacher", "teacher-forcing": "teacher_forcing", "dmd": "dmd"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="training: preprocess, teacher, teacher-forcing, dmd, export",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "train",
+        help="training: preprocess, teacher, teacher-forcing, dmd, export, toy, fast-decoder",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="train_command", required=True, metavar="STEP", parser_class=type(p))
 
     for command, stage in STAGE_COMMANDS.items():
@@ -38,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         s.set_defaults(run=run_stage, stage=stage)
 
     e = sub.add_parser("export", help="write a servable checkpoint folder from a training save")
-    e.add_argument("--from", dest="source", required=True, metavar="DIR", help="run folder (latest save) or step folder")
+    e.add_argument(
+        "--from", dest="source", required=True, metavar="DIR", help="run folder (latest save) or step folder"
+    )
     e.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
     e.add_argument("--force", action="store_true", help="write into a non-empty folder")
     e.set_defaults(run=run_export)
@@ -56,14 +62,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--force", action="store_true", help="write into a non-empty folder")
     pre.set_defaults(run=run_preprocess)
 
-    t = sub.add_parser("toy", help="the toy try-on world end to end: VAE, data, teacher, teacher forcing, GR-DMD",
-                       description="Reproduce checkpoints/toy from scratch on a CPU (about 1.5 h on 2 cores). Each "
-                                   "step resumes from its folder under --out; a rerun skips finished steps. Prints the "
-                                   "metric table of the held-out bench at the end.")
+    t = sub.add_parser(
+        "toy",
+        help="the toy try-on world end to end: VAE, data, teacher, teacher forcing, GR-DMD",
+        description="Reproduce checkpoints/toy from scratch on a CPU (about 1.5 h on 2 cores). Each "
+        "step resumes from its folder under --out; a rerun skips finished steps. Prints the "
+        "metric table of the held-out bench at the end.",
+    )
     t.add_argument("--out", required=True, metavar="DIR", help="run folder (created; resumed when it exists)")
     t.add_argument("--quick", action="store_true", help="a few steps of every stage (a smoke run of minutes)")
     t.add_argument("--no-eval", action="store_true", help="skip the held-out bench at the end")
     t.set_defaults(run=run_toy)
+
+    f = sub.add_parser(
+        "fast-decoder",
+        help="distil a checkpoint's VAE decoder into a small causal decoder",
+        description="Train <checkpoint>/fast_decoder from the checkpoint's own VAE decoder (teacher) on "
+        "rendered toy-world clips, then print its PSNR against the teacher and both "
+        "decoders' speed. Resumes from <checkpoint>/fast_decoder-state.pt. Serve it with "
+        "model.engine.decoder = fast (`--decoder fast` on generate / up).",
+    )
+    f.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (written into)")
+    f.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, ~40 min on 2 cores)")
+    f.add_argument("--clips", type=int, default=96, help="training clips (each also perturbed once; default 96)")
+    f.set_defaults(run=run_fast_decoder)
 
     r = sub.add_parser("recipe", help="print a recipe (resolved) and its per-GPU memory plan")
     _recipe_arguments(r)
@@ -73,8 +95,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="tiny", metavar="NAME_OR_JSON", help="recipe name, JSON file or JSON object")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the stage (e.g. run.max_steps=10); repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the stage (e.g. run.max_steps=10); repeatable",
+    )
 
 
 def _load_recipe(args: argparse.Namespace, stage: str | None):
@@ -123,16 +150,18 @@ def run_stage(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     if info.is_main:
-        print_json({
-            "stage": args.stage,
-            "recipe": recipe.name,
-            "run_dir": str(run_dir),
-            "resumed_from": first,
-            "step": run.step,
-            "world_size": world,
-            "last": history[-1] if history else None,
-            "seconds": round(time.perf_counter() - start, 3),
-        })
+        print_json(
+            {
+                "stage": args.stage,
+                "recipe": recipe.name,
+                "run_dir": str(run_dir),
+                "resumed_from": first,
+                "step": run.step,
+                "world_size": world,
+                "last": history[-1] if history else None,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
     return 0
 
 
@@ -166,19 +195,33 @@ def run_preprocess(args: argparse.Namespace) -> int:
         samples = synthetic_samples(args.synthetic, st.height, st.width, pixel_frames=args.max_pixel_frames)
     start = time.perf_counter()
     try:
-        index = preprocess(samples, components, out, max_pixel_frames=args.max_pixel_frames,
-                           samples_per_shard=args.samples_per_shard, dtype=args.dtype)
+        index = preprocess(
+            samples,
+            components,
+            out,
+            max_pixel_frames=args.max_pixel_frames,
+            samples_per_shard=args.samples_per_shard,
+            dtype=args.dtype,
+        )
     except ValueError as e:
         raise CliError(str(e)) from None
     uploaded = 0
     if args.upload:
-        from shared.storage.config import StorageConfig, open_store
+        from shared.storage.config import StorageConfig
+        from shared.storage.factory import open_store
 
         creds = _credentials() or (None, None)
         store = open_store(StorageConfig.from_url(args.upload, access_key=creds[0], secret_key=creds[1]))
         uploaded = upload_dataset(out, store, "")
-    print_json({"path": str(out), "samples": index.num_samples, "shards": len(index.shards),
-                "uploaded_objects": uploaded, "seconds": round(time.perf_counter() - start, 3)})
+    print_json(
+        {
+            "path": str(out),
+            "samples": index.num_samples,
+            "shards": len(index.shards),
+            "uploaded_objects": uploaded,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+    )
     return 0
 
 
@@ -187,7 +230,8 @@ def run_toy(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from training.toy import ToyPlan, run_toy as run
+    from training.toy import ToyPlan
+    from training.toy import run_toy as run
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -198,12 +242,40 @@ def run_toy(args: argparse.Namespace) -> int:
     if not args.no_eval:
         from services.eval.toybench import format_table, run_bench
 
-        bench = run_bench(summary["checkpoint"], out / "bench", samples=2 if args.quick else 8,
-                          chunks=4 if args.quick else 8, progress=tqdm)
+        bench = run_bench(
+            summary["checkpoint"],
+            out / "bench",
+            samples=2 if args.quick else 8,
+            chunks=4 if args.quick else 8,
+            progress=tqdm,
+        )
         summary["bench"] = bench["summary"]
         print(format_table(bench["summary"]), file=sys.stderr)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     print_json(summary)
+    return 0
+
+
+def run_fast_decoder(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from training.fast_decoder import FastDecoderTrainConfig, train_fast_decoder
+
+    root = Path(args.checkpoint)
+    if not (root / "vae" / "config.json").is_file():
+        raise CliError(f"--checkpoint {root} has no vae/ folder (a checkpoint folder is needed)")
+    if args.steps < 1 or args.clips < 1:
+        raise CliError("--steps and --clips must be at least 1")
+    start = time.perf_counter()
+    with tqdm(total=args.steps, desc="fast decoder", unit="step") as bar:
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.refresh()
+
+        report = train_fast_decoder(root, FastDecoderTrainConfig(steps=args.steps, clips=args.clips), progress=progress)
+    print_json({"fast_decoder": str(root / "fast_decoder"), **report, "seconds": round(time.perf_counter() - start, 1)})
     return 0
 
 
@@ -222,10 +294,10 @@ def run_recipe(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m services.cli.train STEP ...`: the `train` command on its own (e.g. under torchrun)."""
+    """`python -m training.cli STEP ...`: the `train` command on its own (e.g. under torchrun)."""
     import sys
 
-    from .common import USAGE_ERROR, Parser, quiet_libraries
+    from shared.cli import USAGE_ERROR, Parser, quiet_libraries
 
     parser = Parser(prog="fashionchameleon")
     register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))

@@ -25,14 +25,15 @@ from pathlib import Path
 
 import grpc
 
-from .common import CliError, print_json
+from shared.cli import CliError, print_json
 
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    batch = subparsers.add_parser("batch", help="submit and follow batch clip jobs (manifest.jsonl)",
-                                  description=__doc__.split("\n\n")[0])
+    batch = subparsers.add_parser(
+        "batch", help="submit and follow batch clip jobs (manifest.jsonl)", description=__doc__.split("\n\n")[0]
+    )
     sub = batch.add_subparsers(dest="batch_command", required=True, metavar="ACTION", parser_class=type(batch))
 
     submit = sub.add_parser("submit", help="submit every clip of a manifest (all or nothing)")
@@ -48,8 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     status.add_argument("--from", dest="from_file", help="JSON printed by `batch submit`")
     status.add_argument("--all", action="store_true", help="every job of the tenant, newest first")
-    status.add_argument("--state", action="append", default=[], choices=[s.lower() for s in _state_names()],
-                        help="with --all: only jobs in this state (repeatable)")
+    status.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=[s.lower() for s in _state_names()],
+        help="with --all: only jobs in this state (repeatable)",
+    )
     _connection_args(status)
     status.set_defaults(run=run_status)
 
@@ -141,8 +147,15 @@ def run_submit(args) -> int:
         raise CliError("--out goes with --wait (or use `batch download`)")
     request = build_request(clips)
     if args.dry_run:
-        print_json({"manifest": str(path), "clips": len(clips), "shared_images": len(request.shared_images),
-                    "request_bytes": request.ByteSize(), "submitted": False})
+        print_json(
+            {
+                "manifest": str(path),
+                "clips": len(clips),
+                "shared_images": len(request.shared_images),
+                "request_bytes": request.ByteSize(),
+                "submitted": False,
+            }
+        )
         return 0
     lines = [c.line for c in clips]
     with _client(args) as client:
@@ -189,10 +202,12 @@ class ProgressBar:
         done = sum(counts.get(s, 0) for s in FINAL)
         fill = int(self.width * chunks / max(1, self.total))
         elapsed = int(time.monotonic() - self.started)
-        return (f"[{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total} done "
-                f"({counts.get('SUCCEEDED', 0)} ok, {counts.get('FAILED', 0)} failed, "
-                f"{counts.get('CANCELLED', 0)} cancelled), {counts.get('RUNNING', 0)} running, "
-                f"{counts.get('QUEUED', 0) + counts.get('RETRYING', 0)} waiting  {elapsed // 60}:{elapsed % 60:02d}")
+        return (
+            f"[{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total} done "
+            f"({counts.get('SUCCEEDED', 0)} ok, {counts.get('FAILED', 0)} failed, "
+            f"{counts.get('CANCELLED', 0)} cancelled), {counts.get('RUNNING', 0)} running, "
+            f"{counts.get('QUEUED', 0) + counts.get('RETRYING', 0)} waiting  {elapsed // 60}:{elapsed % 60:02d}"
+        )
 
     def update(self, states: dict[str, str], chunks: float) -> None:
         line = self.render(states, chunks)

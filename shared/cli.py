@@ -1,9 +1,14 @@
-"""What every `fashionchameleon` subcommand shares: the error type, the parser, JSON output,
+"""What every `fashionchameleon` command group shares: the error type, the parser, JSON output,
 engine options and the checks that run before any model is built.
 
-Convention: a subcommand module exposes `register(subparsers)`, which adds its parser and sets
-`run=<function(args) -> int>` as a default. Bad user input is raised as `CliError`; `main`
-prints it as one `error: ...` line on stderr and exits with status 2. Results go to stdout.
+Convention: a group's module (services/cli/*.py, services/eval/cli.py, services/jobs/cli.py,
+training/cli.py, training/curation/cli.py) exposes `register(subparsers)`, which adds its
+parser and sets `run=<function(args) -> int>` as a default; services/cli/main.py assembles
+the groups. Bad user input is raised as `CliError`; `main` prints it as one `error: ...` line
+on stderr and exits with status 2. Results go to stdout.
+
+Importing this module loads neither torch nor diffusers (`fashionchameleon --help` and usage
+errors stay fast): what needs them imports them when it runs.
 """
 
 from __future__ import annotations
@@ -13,16 +18,14 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
+from shared.runtime.config import DTYPE_NAMES, EngineConfig
 
-from shared.media.images import ImageError, load_image
-from shared.models.attention import BACKENDS, use_attention_backend
-from shared.models.presets import Preset
-from shared.runtime.pipeline import DTYPES, EngineConfig
+if TYPE_CHECKING:
+    import torch
+
+    from shared.models.presets import Preset
 
 USAGE_ERROR = 2
 
@@ -47,6 +50,9 @@ def print_json(obj: Any) -> None:
 def quiet_libraries() -> None:
     """diffusers / transformers warn about dtype casts and draw progress bars on every load and
     save; keep stderr for our own messages."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     for library in (diffusers_logging, transformers_logging):
         library.set_verbosity_error()
         library.disable_progress_bar()
@@ -55,17 +61,26 @@ def quiet_libraries() -> None:
 # ---- engine options ------------------------------------------------------------------------
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """--device/--dtype/--attention/--height/--width, shared by commands that run a model."""
+    from shared.models.attention import BACKENDS
+
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype (default: float32)")
-    p.add_argument(
-        "--attention", default="auto", choices=["auto", *BACKENDS], help="attention backend (default: auto)"
-    )
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="compute dtype (default: float32)")
+    p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS], help="attention backend (default: auto)")
     p.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
     p.add_argument("--width", type=int, help="video width in pixels (default: the preset's)")
+    p.add_argument(
+        "--decoder",
+        choices=["vae", "fast"],
+        default="vae",
+        help="streaming decoder: the checkpoint's VAE (default) or its distilled fast decoder "
+        "(<checkpoint>/fast_decoder, `fashionchameleon train fast-decoder`)",
+    )
 
 
 def engine_config(args: argparse.Namespace, preset: Preset, **streaming_overrides: Any) -> EngineConfig:
     """Check the engine options against `preset` (no model built) and return the config."""
+    from shared.models.attention import use_attention_backend
+
     check_device(args.device)
     try:
         with use_attention_backend(args.attention):
@@ -86,10 +101,13 @@ def engine_config(args: argparse.Namespace, preset: Preset, **streaming_override
         height=args.height,
         width=args.width,
         streaming_overrides=streaming_overrides,
+        decoder=getattr(args, "decoder", "vae"),
     )
 
 
 def check_device(name: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -107,6 +125,8 @@ def check_device(name: str) -> torch.device:
 # ---- input / output checks -----------------------------------------------------------------
 def read_image(path: str, what: str):
     """Load and fully decode an image (PIL RGB); any problem becomes a CliError naming `what`."""
+    from shared.media.images import ImageError, load_image
+
     try:
         return load_image(path)
     except ImageError as e:

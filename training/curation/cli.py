@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .common import CliError, Parser, print_json
+from shared.cli import CliError, Parser, print_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
