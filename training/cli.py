@@ -85,6 +85,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     f.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (written into)")
     f.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000, ~40 min on 2 cores)")
     f.add_argument("--clips", type=int, default=96, help="training clips (each also perturbed once; default 96)")
+    f.add_argument(
+        "--dit-sessions",
+        type=int,
+        default=32,
+        metavar="N",
+        help="also distil on N latent streams the checkpoint's DiT generates (default 32; 0: clips only)",
+    )
+    f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    f.add_argument("--finetune", action="store_true", help="start from the checkpoint's existing fast_decoder/")
     f.set_defaults(run=run_fast_decoder)
 
     r = sub.add_parser("recipe", help="print a recipe (resolved) and its per-GPU memory plan")
@@ -264,8 +273,10 @@ def run_fast_decoder(args: argparse.Namespace) -> int:
     root = Path(args.checkpoint)
     if not (root / "vae" / "config.json").is_file():
         raise CliError(f"--checkpoint {root} has no vae/ folder (a checkpoint folder is needed)")
-    if args.steps < 1 or args.clips < 1:
-        raise CliError("--steps and --clips must be at least 1")
+    if args.steps < 1 or args.clips < 1 or args.dit_sessions < 0 or args.lr <= 0:
+        raise CliError("--steps and --clips must be at least 1, --dit-sessions at least 0, --lr positive")
+    if args.finetune and not (root / "fast_decoder" / "model.safetensors").is_file():
+        raise CliError(f"--finetune: {root} has no fast_decoder/ yet (train one first, without --finetune)")
     start = time.perf_counter()
     with tqdm(total=args.steps, desc="fast decoder", unit="step") as bar:
 
@@ -274,7 +285,15 @@ def run_fast_decoder(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             bar.refresh()
 
-        report = train_fast_decoder(root, FastDecoderTrainConfig(steps=args.steps, clips=args.clips), progress=progress)
+        cfg = FastDecoderTrainConfig(
+            steps=args.steps,
+            clips=args.clips,
+            dit_sessions=args.dit_sessions,
+            lr=args.lr,
+            min_lr=min(1e-4, args.lr / 10),
+            finetune=args.finetune,
+        )
+        report = train_fast_decoder(root, cfg, progress=progress)
     print_json({"fast_decoder": str(root / "fast_decoder"), **report, "seconds": round(time.perf_counter() - start, 1)})
     return 0
 

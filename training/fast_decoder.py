@@ -2,8 +2,10 @@
 
 The teacher is the checkpoint's own streaming VAE decoder; the data are latents of rendered
 toy-world clips (the VAE encoder's, half of them perturbed with Gaussian noise so the student
-also follows the teacher off the data manifold, where DiT outputs land), paired with the
-teacher's decode of exactly those latents. The loss is L1 + MSE against the teacher's frames
+also follows the teacher off the data manifold), and, with `dit_sessions`, latent streams the
+checkpoint's own DiT generates for training-split people and garments (what the decoder sees
+when serving, switches included), each paired with the teacher's decode of exactly those
+latents; batches alternate between the two sets. The loss is L1 + MSE against the teacher's frames
 (not the ground truth): the student copies the decoder the DiT was trained with.
 
 Reported at the end (and written to `fast_decoder/training.json`): PSNR against the teacher's
@@ -48,6 +50,9 @@ class FastDecoderTrainConfig:
     eval_clips: int = 6
     seed: int = 0
     log_every: int = 50
+    dit_sessions: int = 0  # generated latent streams (0: encoded clips only)
+    dit_chunks: int = 4  # chunks per generated stream (a garment switch at the middle one)
+    finetune: bool = False  # start from the checkpoint's fast_decoder/ (else a fresh init)
 
 
 def _pixels(frames: np.ndarray) -> torch.Tensor:
@@ -75,6 +80,37 @@ def teacher_pairs(
         for z in variants:
             lats.append(z[0])
             outs.append(StreamingDecoder(vae).decode_chunk(z)[0].half())
+    return torch.stack(lats), torch.stack(outs)
+
+
+def dit_pairs(
+    checkpoint: Path, vae: VideoVAE, *, sessions: int, chunks: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents [N, z, 3 chunks, h, w], teacher pixels [N, 3, F, H, W] float16) of streams the
+    checkpoint's DiT generates for training-split samples, decoded by the teacher from stream start."""
+    from PIL import Image
+
+    from shared.runtime.pipeline import Engine
+    from shared.toyworld.samples import make_sample
+
+    engine = Engine.from_checkpoint(checkpoint)
+    st = engine.preset.streaming
+    lats, outs = [], []
+    for i in range(sessions):
+        a, b = (
+            make_sample(2 * i, "train", 1, st.height, st.width),
+            make_sample(2 * i + 1, "train", 1, st.height, st.width),
+        )
+        session = engine.session()
+        session.open(Image.fromarray(a.reference), Image.fromarray(a.garment), a.dynamic_caption, seed=seed + i)
+        stream = []
+        for k in range(chunks):
+            if k == chunks // 2:
+                session.switch_garment(Image.fromarray(b.garment))
+            stream.append(session.next_chunk().latents)
+        z = torch.cat(stream, dim=2)
+        lats.append(z[0])
+        outs.append(StreamingDecoder(vae).decode_chunk(z)[0].half())
     return torch.stack(lats), torch.stack(outs)
 
 
@@ -160,6 +196,8 @@ def train_fast_decoder(
     if model.config.spatial_factor != vae.spatial_factor:
         raise ValueError(f"the fast decoder upsamples {model.config.spatial_factor}x, the VAE {vae.spatial_factor}x")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.finetune:
+        model.load_state_dict(FastCausalDecoder.load(root / SUBFOLDER).state_dict())
     state_path = root / "fast_decoder-state.pt"
     step = 0
     if state_path.exists():
@@ -180,13 +218,21 @@ def train_fast_decoder(
         split="train",
         seed=cfg.seed,
     )
-    log.info("fast decoder: %d teacher pairs in %.0f s", len(latents), time.perf_counter() - started)
+    sets = [(latents, targets)]
+    if cfg.dit_sessions > 0:
+        sets.append(dit_pairs(root, vae, sessions=cfg.dit_sessions, chunks=cfg.dit_chunks, seed=cfg.seed))
+    log.info(
+        "fast decoder: %s teacher pairs in %.0f s",
+        "+".join(str(len(x)) for x, _ in sets),
+        time.perf_counter() - started,
+    )
     rng = np.random.default_rng([cfg.seed, step])
     model.train()
     while step < cfg.steps:
-        idx = torch.from_numpy(rng.choice(len(latents), size=cfg.batch, replace=False))
-        out = _student_frames(model, latents[idx])
-        target = targets[idx].float()
+        lat_set, target_set = sets[step % len(sets)]  # alternate encoded clips / generated streams
+        idx = torch.from_numpy(rng.choice(len(lat_set), size=min(cfg.batch, len(lat_set)), replace=False))
+        out = _student_frames(model, lat_set[idx])
+        target = target_set[idx].float()
         loss = F.l1_loss(out, target) + F.mse_loss(out, target)
         for group in opt.param_groups:
             group["lr"] = _lr(cfg, step)
