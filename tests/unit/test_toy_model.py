@@ -46,8 +46,10 @@ def test_shipped_checkpoint_is_small_16bit_and_records_its_training() -> None:
     assert training["stage"] == "dmd" and training["recipe"] == "toy"
 
 
-@pytest.fixture(scope="module")
-def generated(tmp_path_factory) -> tuple[np.ndarray, dict]:
+@pytest.fixture(scope="module", params=["vae", "fast"])
+def generated(request, tmp_path_factory) -> tuple[np.ndarray, dict]:
+    """The shipped model's clip through each streaming decoder: the garment checks below hold for
+    the distilled fast decoder's frames as for the VAE decoder's."""
     out = tmp_path_factory.mktemp("toy") / "clip.mp4"
     import contextlib
     import io
@@ -69,6 +71,8 @@ def generated(tmp_path_factory) -> tuple[np.ndarray, dict]:
                 f"{SWITCH_CHUNK}:{EXAMPLES / 'garment-green.png'}",
                 "--out",
                 str(out),
+                "--decoder",
+                request.param,
             ]
         )
     assert rc == 0
