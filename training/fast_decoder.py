@@ -34,6 +34,7 @@ from shared.models.fast_decoder import SUBFOLDER, FastCausalDecoder, FastDecoder
 from shared.models.vae import VideoVAE
 from shared.runtime.decode import StreamingDecoder, StreamingFastDecoder
 from shared.toyworld.render import render_clip, sample_scene
+from training.vae import _pixels, psnr  # the stage-0 VAE's helpers: pixels in [-1, 1], PSNR (peak-to-peak 2)
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +54,6 @@ class FastDecoderTrainConfig:
     dit_sessions: int = 0  # generated latent streams (0: encoded clips only)
     dit_chunks: int = 4  # chunks per generated stream (a garment switch at the middle one)
     finetune: bool = False  # start from the checkpoint's fast_decoder/ (else a fresh init)
-
-
-def _pixels(frames: np.ndarray) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1.0
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
 def teacher_pairs(

@@ -623,10 +623,12 @@ class SessionRegistry:
         """Generator replicas whose heartbeat has not lapsed; None if no replica ever sent one
         (a deployment starting, or one without heartbeats): nothing is known either way."""
         index, now = self._keys.generator_index(), self._clock()
-        await self._redis.zremrangebyscore(index, "-inf", now - 3600.0)  # long-gone replicas
-        if not await self._redis.exists(index):
-            return None
-        return [to_str(m) for m in await self._redis.zrangebyscore(index, now, "+inf")]
+        async with self._redis.pipeline(transaction=False) as pipe:  # one round trip on the create path
+            pipe.zremrangebyscore(index, "-inf", now - 3600.0)  # long-gone replicas
+            pipe.exists(index)
+            pipe.zrangebyscore(index, now, "+inf")
+            _, known, live = await pipe.execute()
+        return [to_str(m) for m in live] if known else None
 
     async def lease_owner(self, session_id: str) -> str | None:
         owner = await self._redis.get(self._keys.session(session_id).lease)
