@@ -102,6 +102,16 @@ class GeneratorConfig(_Frozen):
     save_clips: bool = True
     recovery: bool = True  # persist session state so another replica rebuilds a session whose replica died  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
     recovery_attempts: int = Field(default=3, ge=1)  # rebuilds of an orphaned session before it ends FAILED
+    # Batched stepping (shared.runtime.batch) and admission by compute (shared.runtime.scheduling).
+    max_batch_size: int = Field(default=8, ge=1)  # sessions stepped in one DiT forward at most
+    batch_wait_s: float = Field(default=0.005, ge=0)  # a due session waits this long for others to join its batch
+    # Batch sizes timed when a replica starts (clipped to max_batch_size and the KV budget); later
+    # steps keep the table current. The scheduler only picks sizes it has measured.
+    warmup_batch_sizes: tuple[int, ...] = (1, 2, 4, 8)
+    # With `realtime`, admit a session only if every session then still gets its chunks at playback
+    # speed with this much compute to spare: round time * (1 + headroom) <= one chunk's playback time.
+    admit_by_compute: bool = True
+    realtime_headroom: float = Field(default=0.2, ge=0)
 
 
 def api_key_digest(api_key: str) -> str:
@@ -232,6 +242,22 @@ class LimitsConfig(_Frozen):
     switch_timeout_s: float = 10.0
 
 
+class ViewerConfig(_Frozen):
+    """Viewer tokens (Studio.CreateViewerToken): a browser's access to one session, in seconds."""
+
+    default_ttl_s: float = Field(default=900.0, gt=0)  # ttl_seconds = 0
+    max_ttl_s: float = Field(default=3600.0, gt=0)  # a longer ttl_seconds is INVALID_ARGUMENT
+    # POST /v1/player/sessions: the player page opens a session itself with a launch token that
+    # `fashionchameleon up` mints for its dev tenant. Off unless the embedded default turns it on.
+    dev_launch: bool = False
+
+    @model_validator(mode="after")
+    def _check_ttls(self) -> ViewerConfig:
+        if self.default_ttl_s > self.max_ttl_s:
+            raise ValueError(f"viewer.default_ttl_s ({self.default_ttl_s}) exceeds viewer.max_ttl_s ({self.max_ttl_s})")
+        return self
+
+
 class ServeConfig(_Frozen):
     app_name: str = "fashionchameleon"
     grpc_port: int = 9000
@@ -256,6 +282,7 @@ class AppConfig(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     serve: ServeConfig = ServeConfig()
     jobs: JobsConfig = JobsConfig()
+    viewer: ViewerConfig = ViewerConfig()
     mode: Literal["dev", "production"] = "dev"
 
     def to_json(self) -> str:

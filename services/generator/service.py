@@ -9,12 +9,16 @@ leases, admission, and the encoder/decoder deployments. Its loop:
      control stream at the chunk boundary, acknowledging the chunk index they take effect at;
   2. waits while the client is more than `max_client_lag_chunks` behind, and paces chunk k to
      be ready `lead_chunks` before its playback time (when `realtime`);
-  3. generates chunk k (one DiT step at a time per replica, sessions take turns);
+  3. generates chunk k in a batch with the replica's other sessions due at about the same time
+     (`services.generator.batcher`: one DiT forward per denoising step for the whole batch);
   4. sends the latents to the decoder and, while the decoder works, goes on with chunk k+1;
      the decoded fMP4 piece of chunk k is appended to the session's Redis output stream.
 
 Admission control: a session needs `KVCacheSpec.bytes`; a replica admits while the sum stays
-within its KV budget, else RESOURCE_EXHAUSTED (the gateway then tries another replica).
+within its KV budget and, with `realtime`, while every session still gets its chunks at playback
+speed with `realtime_headroom` to spare, judged from the step times per batch size measured at
+start and kept current by every step (`shared.runtime.scheduling`); else RESOURCE_EXHAUSTED with
+RetryInfo (the gateway then tries the replica with the next most headroom).
 """
 
 from __future__ import annotations
@@ -36,13 +40,18 @@ from services.common.tensors import pad_text_embedding, tensor_from_proto, tenso
 from shared.config import AppConfig
 from shared.redis_util import connect
 from shared.runtime.kv_cache import KVCacheSpec
-from shared.runtime.pipeline import LatentChunk, VideoSession
+from shared.runtime.pipeline import VideoSession, generate_batch
+from shared.runtime.scheduling import StepTimes
 from shared.runtime.session import PromptOptions, SwitchOptions
 from shared.runtime.session import SessionState as EngineState
 from shared.sessionbus import CommandType, SessionRegistry, SessionState
 from shared.sessionbus.sessions import InvalidTransition, LeaseHeld, LeaseLost
 from shared.sessionbus.streams import SessionClosed, SessionNotFound
 from shared.telemetry import HealthState, Metrics
+
+from .batcher import ChunkBatcher
+from .scaling import CAPACITY as SCALING_CAPACITY
+from .scaling import SESSIONS as SCALING_SESSIONS
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +65,6 @@ def switch_options_from_proto(
         withdraw=opts.withdraw_history_kv if opts.HasField("withdraw_history_kv") else default.withdraw,
         disentangle=opts.disentangle_reference_kv if opts.HasField("disentangle_reference_kv") else default.disentangle,
     )
-
-
-def _generate_wire(session: VideoSession) -> tuple[LatentChunk, common_pb2.Tensor]:
-    """The next chunk and its latents as a wire tensor: run on a worker thread, so the
-    device->host copy that waits for the device (`.cpu()`) never blocks the event loop."""
-    chunk = session.generate()
-    return chunk, tensor_to_proto(chunk.latents)
 
 
 def _state_blob(session: VideoSession, extra: dict) -> bytes:
@@ -300,9 +302,8 @@ class SessionRunner:
                     await asyncio.sleep(min(cfg.control_poll_s, ready - time.monotonic()))
                     continue
                 started = time.perf_counter()
-                async with svc.compute():
-                    chunk, latents = await asyncio.to_thread(_generate_wire, self.session)  # proto: host bytes
-                gen_s = time.perf_counter() - started
+                chunk, latents = await svc.batcher.generate(self.session)  # batched with other due sessions
+                gen_s = chunk.generate_seconds  # the step it was generated in (waiting for the batch excluded)
                 svc.metrics.chunk_generation_seconds.observe(gen_s)
                 svc.metrics.chunks_generated_total.inc()
                 meta = {
@@ -377,6 +378,7 @@ class GeneratorService:
         self.budget = self.config.generator.kv_cache_budget_bytes or self._default_budget()
         self.runners: dict[str, SessionRunner] = {}
         self._admitting: set[str] = set()  # admitted, runner not registered yet: counted as taken
+        self._last_refusal = "capacity"  # what the last refused admission ran out of: capacity | compute
         self._recovering: dict[str, asyncio.Task] = {}  # rebuilds in flight, by session id
         self.redis = None
         self.registry: SessionRegistry | None = None
@@ -384,6 +386,9 @@ class GeneratorService:
         self._background: asyncio.Task | None = None
         self.text_max_length = self.engine.preset.text_encoder.max_length
         self.metrics = Metrics.create("auto")
+        self.step_times = StepTimes()
+        self.batcher: ChunkBatcher | None = None
+        self.warmup_seconds = self._warm_up()
         self._gauge_sessions()
         self.health = HealthState("generator")
         self.health.mark_ready()
@@ -410,6 +415,14 @@ class GeneratorService:
             self.redis = connect(self.config.redis)
             self.registry = SessionRegistry(self.redis, self.config.redis)
             self._compute_lock = asyncio.Lock()
+            cfg = self.config.generator
+            self.batcher = ChunkBatcher(
+                self.step_times,
+                self.compute,
+                max_batch=cfg.max_batch_size,
+                wait_s=cfg.batch_wait_s,
+                observe=self._stepped,
+            )
             self._background = asyncio.create_task(self._maintain())
 
     @contextlib.asynccontextmanager
@@ -433,11 +446,95 @@ class GeneratorService:
         with contextlib.suppress(Exception):  # a session closing underneath is not an error here
             await self.registry.set_state(runner.session_id, SessionState.ACTIVE, **fields)
 
+    # ---- batched stepping and compute capacity --------------------------------------------
+    @property
+    def chunk_seconds(self) -> float:
+        """Playback time of one steady chunk (12 frames at 24 fps: 0.5 s)."""
+        st = self.engine.preset.streaming
+        return 4 * st.chunk_frames / st.fps
+
+    def _warm_up(self) -> float:
+        """Time one batched step per size in `warmup_batch_sizes` (within max_batch_size, the
+        session limit and the KV budget) on throwaway sessions, so scheduling and admission by
+        compute start from measured numbers. Returns the seconds it took."""
+        cfg = self.config.generator
+        fit = min(cfg.max_batch_size, cfg.max_sessions, self.budget // max(1, self.spec.bytes))
+        sizes = sorted({b for b in cfg.warmup_batch_sizes if 1 <= b <= fit} | {1})
+        if fit < 1:
+            return 0.0
+        started = time.perf_counter()
+        preset = self.engine.preset
+        shape = (1, preset.dit.in_channels, 1, *preset.latent_hw())
+        gen = torch.Generator().manual_seed(0)
+        text = torch.zeros(1, self.text_max_length, preset.dit.text_dim)
+        sessions = []
+        for i in range(max(sizes)):
+            s = self.engine.session()
+            s.open_latents(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), text, seed=i)
+            sessions.append(s)
+        try:
+            for size in sizes:
+                generate_batch(sessions[:size])  # first step of a size: kernels, allocator
+                self.engine.synchronize()
+                t0 = time.perf_counter()
+                generate_batch(sessions[:size])
+                self.engine.synchronize()
+                self.step_times.observe(size, time.perf_counter() - t0)
+        finally:
+            for s in sessions:
+                s.close()
+        log.info("generator step times by batch size: %s", self.step_times.table())
+        self._gauge_compute()
+        return time.perf_counter() - started
+
+    def _stepped(self, size: int, seconds: float) -> None:
+        self.metrics.batch_step_seconds.observe(seconds, tags={"batch_size": str(size)})
+        self.metrics.batch_size.observe(size)
+        self._gauge_compute()
+
+    def realtime_capacity(self) -> int:
+        """Sessions this replica serves at playback speed with the configured headroom."""
+        cfg = self.config.generator
+        return self.step_times.realtime_sessions(
+            self.chunk_seconds, cfg.realtime_headroom, limit=cfg.max_sessions, max_batch=cfg.max_batch_size
+        )
+
+    def realtime_headroom(self, sessions: int | None = None) -> float:
+        """chunk playback time / time to step `sessions` (default: the open ones) once, minus 1."""
+        n = len(self.runners) if sessions is None else sessions
+        if n <= 0 or not self.step_times.measured:
+            return 100.0
+        verdict = self.step_times.admits(n, self.chunk_seconds, 0.0, self.config.generator.max_batch_size)
+        return min(100.0, verdict.headroom)
+
+    def _gauge_compute(self) -> None:
+        if self.step_times.measured:
+            self.metrics.realtime_headroom.set(self.realtime_headroom())
+            self.metrics.realtime_session_capacity.set(self.realtime_capacity())
+
+    def _compute_refusal(self, sessions: int) -> str | None:
+        """Why `sessions` sessions would not all hold playback speed here (None: they would)."""
+        cfg = self.config.generator
+        if not (cfg.realtime and cfg.admit_by_compute and self.step_times.measured):
+            return None
+        verdict = self.step_times.admits(sessions, self.chunk_seconds, cfg.realtime_headroom, cfg.max_batch_size)
+        if verdict.admitted:
+            return None
+        return (
+            f"{sessions} sessions would need {verdict.round_seconds:.3f} s of compute per "
+            f"{verdict.chunk_seconds:.2f} s chunk (headroom {cfg.realtime_headroom:.0%})"
+        )
+
     def _try_admit(self, session_id: str) -> bool:
-        """Check capacity and take a slot in one step (no await in between), so concurrent
-        opens and rebuilds never admit more sessions than fit. Release with `_admitting.discard`."""
+        """Check capacity (KV memory, and compute at playback speed) and take a slot in one step
+        (no await in between), so concurrent opens and rebuilds never admit more sessions than
+        fit. Release with `_admitting.discard`."""
         cap = self.capacity()
         if cap.free_bytes < self.spec.bytes or cap.active_sessions >= cap.max_sessions:
+            self._last_refusal = "capacity"
+            return False
+        if self._compute_refusal(cap.active_sessions + 1) is not None:
+            self._last_refusal = "compute"
             return False
         self._admitting.add(session_id)
         return True
@@ -628,7 +725,36 @@ class GeneratorService:
             active_sessions=taken,
             max_sessions=min(self.config.generator.max_sessions, self.budget // max(1, self.spec.bytes)),
             session_kv_cache_bytes=self.spec.bytes,
+            realtime_sessions=self.realtime_capacity() if self.step_times.measured else 0,
+            realtime_headroom=self.realtime_headroom(taken),
         )
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the generators' autoscaling policy reads (`services.generator.scaling`): open
+        sessions and the sessions this replica serves at playback speed (its session limit when
+        pacing or compute admission is off)."""
+        cap = self.capacity()
+        cfg = self.config.generator
+        capacity = cap.max_sessions
+        if cfg.realtime and cfg.admit_by_compute and self.step_times.measured:
+            capacity = min(capacity, self.realtime_capacity())
+        return {SCALING_SESSIONS: float(cap.active_sessions), SCALING_CAPACITY: float(capacity)}
+
+    def record_routing_stats(self) -> dict:
+        """What the generator's request router ranks replicas by (`services.generator.routing`);
+        Serve polls it every `request_routing_stats_period_s`."""
+        cap = self.capacity()
+        cfg = self.config.generator
+        by_memory = max(0, cap.max_sessions - cap.active_sessions) if cap.free_bytes >= self.spec.bytes else 0
+        by_compute = by_memory
+        if cfg.realtime and cfg.admit_by_compute and self.step_times.measured:
+            by_compute = max(0, self.realtime_capacity() - cap.active_sessions)
+        return {
+            "replica_id": self.replica_id,
+            "free_sessions": min(by_memory, by_compute),
+            "headroom": cap.realtime_headroom,
+            "draining": self.health.draining,
+        }
 
     async def get_capacity(self) -> generator_pb2.GeneratorCapacity:
         return self.capacity()
@@ -671,11 +797,18 @@ class GeneratorService:
         session = self.engine.session()
         if not self._try_admit(sid):  # capacity check and slot in one step: concurrent opens never overbook
             cap = self.capacity()
-            self.metrics.rejections_total.inc(tags={"reason": "capacity"})
+            why = self._last_refusal
+            self.metrics.rejections_total.inc(tags={"reason": why})
+            detail = (
+                self._compute_refusal(cap.active_sessions + 1)
+                if why == "compute"
+                else f"{cap.active_sessions} sessions, {cap.free_bytes} bytes free"
+            )
             raise ResourceExhausted(
-                f"generator replica full ({cap.active_sessions} sessions, {cap.free_bytes} bytes free)",
+                f"generator replica full ({detail})",
                 reason="CAPACITY_EXHAUSTED",
-                retry_after_s=5.0,
+                retry_after_s=self.chunk_seconds if why == "compute" else 5.0,
+                metadata={"replica_id": self.replica_id, "limit": why},
             )
         try:
             await self.registry.create(sid, tenant, self.replica_id, meta, idle_ttl_s=meta.get("idle_ttl_s"))

@@ -105,16 +105,27 @@ class ChunkAttention:
         self.delta = cache.align(rope, self.key_positions[: spec.cond_frames + len(slot_pos)])
         self.rotated_positions = [p + self.delta for p in query_pos]
         self.q_cos, self.q_sin = rope.cos_sin(self.rotated_positions)
+        # Hooks with equal keys rotate their queries and keys alike (a batch rotates them at once).
+        self.rotation_key = (id(rope), tuple(self.rotated_positions))
         self.prefix_tokens = cache.valid_tokens()
         self.scratch_fits = self.prefix_tokens + n_frames * spec.tokens_per_frame <= cache.k.shape[2]
         self.write = write
         self.backend = backend
 
+    def rotate(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's queries and keys at their positions (+ the cache's offset): [B, L, H, D]."""
+        return apply_rope(q, self.q_cos, self.q_sin), apply_rope(k, self.q_cos, self.q_sin)
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qr, kr = self.rotate(q, k)
+        return self.attend(layer, qr, kr, k, v)
+
+    def attend(self, layer: int, q: torch.Tensor, kr: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of rotated queries `q` over the cache + the chunk's rotated keys `kr` (`k`: the
+        same keys un-rotated, which the context pass stores beside them)."""
         cache, start = self.cache, self.prefix_tokens
-        kr = apply_rope(k, self.q_cos, self.q_sin).to(cache.k.dtype)
+        kr = kr.to(cache.k.dtype)
         vc = v.to(cache.v.dtype)
-        q = apply_rope(q, self.q_cos, self.q_sin)
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         in_scratch = self.scratch_fits and not grad
         if in_scratch:

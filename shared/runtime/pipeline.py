@@ -30,6 +30,8 @@ from shared.models.prompts import validate_prompt
 from shared.models.rope import RopeTable
 from shared.models.vae import VideoVAE
 
+from .batch import group_batchable
+from .batch import next_chunks as _next_latent_chunks
 from .config import EngineConfig
 from .decode import StreamingDecoder, StreamingFastDecoder, to_uint8_frames
 from .session import PromptOptions, SessionClosed, SessionState, StreamingSession, SwitchOptions
@@ -325,6 +327,9 @@ class VideoSession:
         """Generate the next chunk's latents (no decode)."""
         index = self.latent.chunk_index
         latents, seconds = self._timed(self.latent.next_chunk)
+        return self._took_chunk(index, latents, seconds)
+
+    def _took_chunk(self, index: int, latents: torch.Tensor, seconds: float) -> LatentChunk:
         switched, self._switch_pending = self._switch_pending, False
         prompt_updated, self._prompt_pending = self._prompt_pending, False
         return LatentChunk(index, latents, seconds, switched, prompt_updated)
@@ -350,8 +355,11 @@ class VideoSession:
         )
 
     def next_chunk(self) -> ChunkResult:
+        return self.decode(self.generate())
+
+    def decode(self, chunk: LatentChunk) -> ChunkResult:
+        """Decode a chunk this session generated (`generate` / `generate_batch`), in order."""
         decoder = self._require_decoder()
-        chunk = self.generate()
         first_frame = decoder.frames_decoded
         pixels, dec_s = self._timed(decoder.decode_chunk, chunk.latents)
         self.last_frame = pixels[:, :, -1]
@@ -391,3 +399,26 @@ class VideoSession:
     def close(self) -> None:
         self.latent.close()
         self._reset_stream()
+
+
+def generate_batch(sessions: list[VideoSession]) -> list[LatentChunk]:
+    """The next chunk of every session, stepped in batches (`shared.runtime.batch`): one DiT
+    forward per denoising step for each group of sessions that can share one (one group when
+    they come from one engine). Each session gets the chunk `session.generate()` would give it;
+    `generate_seconds` is the wall time of the batch it was stepped in."""
+    if len({id(s) for s in sessions}) != len(sessions):
+        raise ValueError("a session appears twice in one batch")
+    out: list[LatentChunk | None] = [None] * len(sessions)
+    for group in group_batchable([s.latent for s in sessions]):
+        members = [sessions[i] for i in group]
+        indices = [s.latent.chunk_index for s in members]
+        latents, seconds = members[0]._timed(_next_latent_chunks, [s.latent for s in members])
+        for i, s, index, x in zip(group, members, indices, latents):
+            out[i] = s._took_chunk(index, x, seconds)
+    return [c for c in out if c is not None]
+
+
+def next_chunks(sessions: list[VideoSession]) -> list[ChunkResult]:
+    """Pixel level of `generate_batch`: every session's next chunk, generated in batches and
+    decoded by each session's own streaming decoder."""
+    return [s.decode(c) for s, c in zip(sessions, generate_batch(sessions))]

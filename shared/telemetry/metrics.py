@@ -55,10 +55,11 @@ JOB_BUCKETS_SECONDS: tuple[float, ...] = (
 )  # fmt: skip
 # Chunks a client is behind the generator; 0.5 separates "no lag" (Ray needs bounds > 0).
 LAG_BUCKETS_CHUNKS: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+BATCH_BUCKETS_SESSIONS: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 
 # Closed value sets of enumerated tags.
 CLOSE_REASONS = ("closed", "expired", "failed", "evicted")
-REJECT_REASONS = ("capacity", "session_limit", "quota", "rate_limited", "auth", "invalid", "draining")
+REJECT_REASONS = ("capacity", "compute", "session_limit", "quota", "rate_limited", "auth", "invalid", "draining")
 ENCODE_KINDS = ("reference", "garment", "frame", "prompt")
 QUEUE_STATES = ("waiting", "in_flight")
 
@@ -165,6 +166,16 @@ _CATALOG: tuple[MetricSpec, ...] = (
                "Prompt update accepted to first chunk generated with the new prompt."),
     _histogram("client_lag_chunks", "chunks", LAG_BUCKETS_CHUNKS,
                "Chunks the client is behind the generator, observed at each chunk sent."),
+    # Batched stepping and compute capacity (generator replicas).
+    _histogram("batch_step_seconds", "seconds", LATENCY_BUCKETS_SECONDS,
+               "Wall time of one batched step (one chunk for each session of the batch), by batch size.",
+               ("batch_size",)),
+    _histogram("batch_size", "sessions", BATCH_BUCKETS_SESSIONS, "Sessions stepped together in one DiT forward."),
+    _gauge("realtime_headroom", "ratio",
+           "Spare compute at playback speed: chunk playback time / time to step every open session once, "
+           "minus 1 (below 0: sessions fall behind; capped at 100 when idle)."),
+    _gauge("realtime_session_capacity", "sessions",
+           "Sessions this replica can serve at playback speed with its configured headroom (measured step times)."),
     # Sessions and capacity.
     _gauge("active_sessions", "sessions", "Sessions currently open on this process."),
     _gauge("kv_cache_bytes", "bytes", "KV-cache memory allocated to sessions."),
@@ -401,6 +412,10 @@ class Metrics:
     garment_switch_latency_seconds: Histogram
     prompt_update_latency_seconds: Histogram
     client_lag_chunks: Histogram
+    batch_step_seconds: Histogram
+    batch_size: Histogram
+    realtime_headroom: Gauge
+    realtime_session_capacity: Gauge
     active_sessions: Gauge
     kv_cache_bytes: Gauge
     kv_cache_budget_bytes: Gauge

@@ -27,7 +27,7 @@ except ImportError as e:  # pragma: no cover - a Ray upgrade moved them
 
 from ray.serve.schema import ServeApplicationSchema
 
-from services.app import STICKY_ROUTER
+from services.app import GENERATOR_ROUTING_STATS_PERIOD_S, HEADROOM_ROUTER, STICKY_ROUTER
 from services.serve_entry import app as app_builder
 
 
@@ -71,8 +71,11 @@ def test_serve_config_overrides_apply_to_the_built_application(scenario, monkeyp
                 assert cfg.num_replicas == dep["num_replicas"] and cfg.autoscaling_config is None
             else:  # no count in the chart: the code's own policy (the jobs workers scale on queue depth)
                 assert cfg.autoscaling_config is not None
-        # What the chart does not override keeps the code's value: sessions stay sticky.
-        for name in ("generator", "decoder"):
-            assert merged[name].deployment_config.request_router_config.request_router_class == STICKY_ROUTER
+        # What the chart does not override keeps the code's value: decode sessions stay sticky,
+        # opens go to the generator with the most room.
+        routers = {n: merged[n].deployment_config.request_router_config for n in ("generator", "decoder")}
+        assert routers["decoder"].request_router_class == STICKY_ROUTER
+        assert routers["generator"].request_router_class == HEADROOM_ROUTER
+        assert routers["generator"].request_routing_stats_period_s == GENERATOR_ROUTING_STATS_PERIOD_S
         config = json.loads(env["FASHIONCHAMELEON_CONFIG"])
         assert merged["generator"].replica_config.ray_actor_options["num_gpus"] == config["serve"]["generator_gpus"]

@@ -17,9 +17,11 @@ from fashionchameleon.v1 import decoder_pb2, generator_pb2
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.tensors import tensor_to_proto
 from services.generator import service as gen
+from services.generator.batcher import ChunkBatcher
 from services.generator.service import GeneratorService, SessionRunner
 from shared.config import AppConfig, GeneratorConfig
 from shared.models.presets import get_preset
+from shared.runtime.scheduling import StepTimes
 from shared.runtime.session import SwitchOptions
 from shared.sessionbus import SessionState, StreamEnded
 from shared.sessionbus.sessions import InvalidTransition
@@ -58,7 +60,9 @@ class _Registry:
         self.closed.append((sid, reason))
 
 
-def _service(monkeypatch, registry: _Registry, max_sessions: int = 4) -> GeneratorService:
+def _service(
+    monkeypatch, registry: _Registry, max_sessions: int = 4, step_times: StepTimes | None = None
+) -> GeneratorService:
     async def parked(self):  # the session loop is not under test here
         await asyncio.sleep(3600)
 
@@ -78,6 +82,8 @@ def _service(monkeypatch, registry: _Registry, max_sessions: int = 4) -> Generat
     svc.text_max_length = TINY.text_encoder.max_length
     svc.metrics = MagicMock()
     svc.health = SimpleNamespace(draining=False)
+    svc.step_times = step_times or StepTimes()  # nothing measured: admission by memory only
+    svc._last_refusal = "capacity"
     return svc
 
 
@@ -114,6 +120,46 @@ def test_concurrent_opens_never_admit_more_than_fit(monkeypatch):
         assert len(admitted) == 4 and len(refused) == 6, results
         assert all(r.reason == "CAPACITY_EXHAUSTED" for r in refused)
         assert len(svc.runners) == 4 and not svc._admitting and svc.capacity().active_sessions == 4
+        for runner in svc.runners.values():
+            runner.task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_opens_never_admit_more_than_playback_speed_allows(monkeypatch):
+    """Admission by compute: memory would take 10 sessions, the measured step times hold playback
+    speed (0.5 s chunks, 20% headroom) for 4: stepping 4 takes 0.36 s, 5 would take 0.48 s."""
+    times = StepTimes(initial={1: 0.12, 2: 0.2, 4: 0.36})
+
+    async def scenario():
+        svc = _service(monkeypatch, _Registry(create_delay=0.05), max_sessions=10, step_times=times)
+        assert svc.realtime_capacity() == 4 and svc.capacity().realtime_sessions == 4
+        results = await asyncio.gather(*(_open(svc, f"ses_{i}") for i in range(10)), return_exceptions=True)
+        admitted = [r for r in results if isinstance(r, generator_pb2.GeneratorOpenSessionResponse)]
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert len(admitted) == 4 and len(refused) == 6, results
+        assert all(r.reason == "CAPACITY_EXHAUSTED" and r.metadata["limit"] == "compute" for r in refused)
+        assert all(r.retry_after_s == 0.5 and "0.480 s of compute per 0.50 s chunk" in r.message for r in refused)
+        assert all(r.metadata["replica_id"] == "gen-test" for r in refused)
+        cap = svc.capacity()
+        assert cap.active_sessions == 4 and abs(cap.realtime_headroom - (0.5 / 0.36 - 1)) < 1e-9
+        stats = svc.record_routing_stats()
+        assert stats["free_sessions"] == 0 and stats["replica_id"] == "gen-test"
+        for runner in svc.runners.values():
+            runner.task.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_without_realtime_pacing_admission_is_by_memory_only(monkeypatch):
+    times = StepTimes(initial={1: 10.0})  # far slower than playback
+
+    async def scenario():
+        svc = _service(monkeypatch, _Registry(), max_sessions=3, step_times=times)
+        svc.config = AppConfig(generator=GeneratorConfig(recovery=False, max_sessions=3, realtime=False))
+        results = await asyncio.gather(*(_open(svc, f"ses_{i}") for i in range(4)), return_exceptions=True)
+        refused = [r for r in results if isinstance(r, ResourceExhausted)]
+        assert len(svc.runners) == 3 and len(refused) == 1 and refused[0].metadata["limit"] == "capacity"
         for runner in svc.runners.values():
             runner.task.cancel()
 
@@ -201,10 +247,13 @@ class _LoopSession:
     def __init__(self):
         self.preset = TINY
         self.chunk_index = 0
+        self.is_open = True
 
     def generate(self):
         self.chunk_index += 1
-        return SimpleNamespace(latents=torch.zeros(1, 2, 3, 2, 2), switched=False, prompt_updated=False)
+        return SimpleNamespace(
+            latents=torch.zeros(1, 2, 3, 2, 2), switched=False, prompt_updated=False, generate_seconds=0.0
+        )
 
     def close(self):
         pass
@@ -259,6 +308,7 @@ def test_a_close_racing_a_publish_is_not_a_failure(caplog):
             metrics=MagicMock(),
             decoder=_Decoder(),
             compute=compute,
+            batcher=ChunkBatcher(StepTimes(), compute, max_batch=1, wait_s=0.0),
             finish=finish,
             redis=MagicMock(),
         )

@@ -14,6 +14,7 @@ from PIL import Image
 
 from fashionchameleon.v1 import common_pb2, decoder_pb2, generator_pb2
 from services.common.tensors import tensor_from_proto, tensor_to_proto
+from services.generator.batcher import ChunkBatcher
 from services.generator.service import GeneratorService, SessionRunner, switch_options_from_proto
 from shared.config import AppConfig, GeneratorConfig
 from shared.models.attention import BACKENDS, AttentionBackend
@@ -22,6 +23,7 @@ from shared.runtime.config import EngineConfig
 from shared.runtime.decode import StreamingDecoder, to_uint8_frames
 from shared.runtime.kv_cache import KVCacheSpec
 from shared.runtime.pipeline import Engine
+from shared.runtime.scheduling import StepTimes
 from shared.runtime.session import SwitchOptions
 from shared.sessionbus import ChunkOutOfOrder, CommandType, ControlCommand, SessionState
 
@@ -230,6 +232,9 @@ def _generator(engine: Engine, images: dict) -> GeneratorService:
     svc.text_max_length = engine.preset.text_encoder.max_length
     svc.metrics = MagicMock()
     svc.health = SimpleNamespace(draining=False)
+    svc.step_times = StepTimes(initial={1: 0.01, 2: 0.012, 4: 0.015})  # batching pays: due sessions step together
+    svc._last_refusal = "capacity"
+    svc.batcher = ChunkBatcher(svc.step_times, svc.compute, max_batch=4, wait_s=0.0)
     return svc
 
 

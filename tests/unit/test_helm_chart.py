@@ -298,7 +298,14 @@ def test_serve_options_follow_values(scenario):
                 v["autoscaling"]["minReplicas"],
                 v["autoscaling"]["maxReplicas"],
             )
-            assert a["target_ongoing_requests"] == v["autoscaling"]["targetOngoingRequests"]
+            if dep["name"] == "generator":  # sessions are loops, not requests: real-time capacity
+                assert a["policy"] == {
+                    "policy_function": "services.generator.scaling:RealtimeCapacityPolicy",
+                    "policy_kwargs": {"target_utilisation": v["autoscaling"]["targetUtilisation"]},
+                }
+                assert "target_ongoing_requests" not in a
+            else:
+                assert a["target_ongoing_requests"] == v["autoscaling"]["targetOngoingRequests"]
         elif v.get("replicas") is None:  # the code's own replicas/autoscaling stay in force
             assert "num_replicas" not in dep and "autoscaling_config" not in dep
         else:
@@ -523,6 +530,8 @@ def test_alerts_cover_the_sre_signals():
         "TimeToFirstChunkP99High",
         "GarmentSwitchLatencyP99High",
         "CapacityRejections",
+        "RealtimeHeadroomExhausted",
+        "RealtimeHeadroomLow",
         "JobQueueAgeHigh",
         "JobQueueStalled",
         "JobsDeadLettered",
@@ -532,6 +541,9 @@ def test_alerts_cover_the_sre_signals():
         assert rule_["labels"]["severity"] in ("page", "warning")
         anchor = rule_["annotations"]["runbook_url"].split("#")[1]
         assert anchor.startswith("alert-")
+    # capacity alerts read headroom and compute refusals, not request counts
+    assert "realtime_headroom" in alerts["FashionChameleonRealtimeHeadroomExhausted"]["expr"]
+    assert "compute" in alerts["FashionChameleonCapacityRejections"]["expr"]
     runbook = (ROOT / "helm" / "README.md").read_text()
     for r in alerts.values():
         title = r["annotations"]["runbook_url"].split("#")[1]

@@ -220,7 +220,14 @@ serve.deployments key; the chart test checks they are exactly services.app.DEPLO
 {{- if $d.autoscaling.enabled -}}
 {{- $a := $d.autoscaling -}}
 {{- $_ := set $dep "num_replicas" "auto" -}}
-{{- $_ := set $dep "autoscaling_config" (dict "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_requests" (float64 $a.targetOngoingRequests) "upscale_delay_s" (float64 $a.upscaleDelayS) "downscale_delay_s" (float64 $a.downscaleDelayS)) -}}
+{{- $auto := dict "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "upscale_delay_s" (float64 $a.upscaleDelayS) "downscale_delay_s" (float64 $a.downscaleDelayS) -}}
+{{- if eq $name "generator" -}}
+{{- /* Sessions are loops, not requests: scale on real-time capacity (services/generator/scaling.py). */ -}}
+{{- $_ := set $auto "policy" (dict "policy_function" "services.generator.scaling:RealtimeCapacityPolicy" "policy_kwargs" (dict "target_utilisation" (float64 $a.targetUtilisation))) -}}
+{{- else -}}
+{{- $_ := set $auto "target_ongoing_requests" (float64 $a.targetOngoingRequests) -}}
+{{- end -}}
+{{- $_ := set $dep "autoscaling_config" $auto -}}
 {{- else if not (kindIs "invalid" $d.replicas) -}}
 {{- $_ := set $dep "num_replicas" (int $d.replicas) -}}
 {{- end -}}

@@ -50,7 +50,7 @@ class SessionState(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., preset: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., seed: _Optional[int] = ..., next_chunk_index: _Optional[int] = ..., latent_frames_generated: _Optional[int] = ..., reference_latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., garment_latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., garment_id: _Optional[str] = ..., last_frame_latent: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., last_frame_png: _Optional[bytes] = ..., prompt_embedding: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., prompt: _Optional[str] = ..., prompt_revision: _Optional[int] = ..., switch_options: _Optional[_Union[_common_pb2.SwitchOptions, _Mapping]] = ..., sink_chunk_index: _Optional[int] = ..., saved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GeneratorCapacity(_message.Message):
-    __slots__ = ("replica_id", "kv_cache_budget_bytes", "kv_cache_bytes", "free_bytes", "active_sessions", "max_sessions", "session_kv_cache_bytes")
+    __slots__ = ("replica_id", "kv_cache_budget_bytes", "kv_cache_bytes", "free_bytes", "active_sessions", "max_sessions", "session_kv_cache_bytes", "realtime_sessions", "realtime_headroom")
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,8 @@ class GeneratorCapacity(_message.Message):
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     SESSION_KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REALTIME_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    REALTIME_HEADROOM_FIELD_NUMBER: _ClassVar[int]
     replica_id: str
     kv_cache_budget_bytes: int
     kv_cache_bytes: int
@@ -65,7 +67,9 @@ class GeneratorCapacity(_message.Message):
     active_sessions: int
     max_sessions: int
     session_kv_cache_bytes: int
-    def __init__(self, replica_id: _Optional[str] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., session_kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    realtime_sessions: int
+    realtime_headroom: float
+    def __init__(self, replica_id: _Optional[str] = ..., kv_cache_budget_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., max_sessions: _Optional[int] = ..., session_kv_cache_bytes: _Optional[int] = ..., realtime_sessions: _Optional[int] = ..., realtime_headroom: _Optional[float] = ...) -> None: ...
 
 class GeneratorOpenSessionRequest(_message.Message):
     __slots__ = ("state", "replace_existing")
