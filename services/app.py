@@ -11,6 +11,7 @@ from ray.serve.config import RequestRouterConfig
 
 from services.decoder.service import DecoderService
 from services.encoder.service import EncoderService
+from services.generator.routing import ROUTER as HEADROOM_ROUTER
 from services.generator.service import GeneratorService
 from services.jobs.worker import worker_deployment
 from services.studio.service import StudioService
@@ -39,6 +40,21 @@ def sticky_router(fallback_replicas: int = 0) -> RequestRouterConfig:
     )
 
 
+# How often each generator replica's room (`GeneratorService.record_routing_stats`) reaches the
+# routers: a burst of opens between two reports is kept honest by admission on the replica and
+# the gateway's retry on the next-ranked replica.
+GENERATOR_ROUTING_STATS_PERIOD_S = 1.0
+
+
+def headroom_router() -> RequestRouterConfig:
+    """Opens go to the generator replica with the most room (`services.generator.routing`)."""
+    return RequestRouterConfig(
+        request_router_class=HEADROOM_ROUTER,
+        request_routing_stats_period_s=GENERATOR_ROUTING_STATS_PERIOD_S,
+        request_routing_stats_timeout_s=GENERATOR_ROUTING_STATS_PERIOD_S * 3,
+    )
+
+
 def build_app(config: AppConfig) -> serve.Application:
     """Each deployment is bound to its own view of `config` (`AppConfig.for_deployment`): Ray
     keeps constructor arguments in its GCS, so a replica gets only the secrets it uses."""
@@ -60,20 +76,22 @@ def build_app(config: AppConfig) -> serve.Application:
         **opts(s.decoder_gpus, s.decoder_replicas),
     ).bind(cj("decoder"))
     generator = serve.deployment(
-        # Only open_session is routed by session id (a new id; later calls go through Redis), so
-        # a dead replica's slot on the ring falls through to the next one: creates are not held
-        # up until Serve notices the death.
+        # Only open_session goes through this handle (later calls go through Redis), so opens are
+        # routed by room, not by session id: the replica with the most free sessions and compute
+        # headroom first, the rest after it (a dead or full one falls through to the next rank).
         GeneratorService,
         name="generator",
-        request_router_config=sticky_router(fallback_replicas=2),
+        request_router_config=headroom_router(),
         max_ongoing_requests=256,
         graceful_shutdown_timeout_s=60,
         health_check_period_s=GENERATOR_HEALTH_CHECK_PERIOD_S,
         **opts(s.generator_gpus, s.generator_replicas),
     ).bind(cj("generator"), decoder, encoder)
     jobs = worker_deployment(config.for_deployment("jobs"), config.jobs)  # batch clips: same engine path, full speed
+    # HTTP (probes, the player page, the browser WebSocket: services/studio/http.py) goes to the
+    # ASGI app the replica builds around itself; gRPC methods are called by name as before.
     return serve.deployment(
-        StudioService, name="studio", max_ongoing_requests=1024, **opts(0.0, s.studio_replicas)
+        serve.ingress()(StudioService), name="studio", max_ongoing_requests=1024, **opts(0.0, s.studio_replicas)
     ).bind(cj("studio"), generator, encoder, jobs)
 
 

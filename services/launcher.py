@@ -18,10 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import AppConfig, AuthConfig, GeneratorConfig, ModelConfig, ServeConfig
+from shared.config import AppConfig, AuthConfig, GeneratorConfig, ModelConfig, ServeConfig, ViewerConfig
 from shared.runtime.config import EngineConfig
 from shared.sessionbus.config import RedisConfig
 from shared.storage.config import LocalStoreConfig, StorageConfig
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -142,7 +144,11 @@ def embedded_config(
         generator=GeneratorConfig(realtime=realtime, **(generator or {})),
         auth=AuthConfig(api_keys=api_keys),
         serve=ServeConfig(grpc_port=grpc_port, http_port=http_port),
+        viewer=ViewerConfig(dev_launch=True),  # the player page opens dev sessions (`dev_player_url`)
     )
+
+
+DEV_LAUNCH_TTL_S = 7 * 24 * 3600.0  # `up`'s launch token: revoked when `up` stops, in any case after a week
 
 
 @dataclass
@@ -152,14 +158,63 @@ class Embedded:
     redis: LocalRedis | None = None
     cleanup: list = field(default_factory=list)
 
+    player: str | None = None  # the player page URL with a dev launch token (`dev_player_url`)
+
     @property
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.config.serve.grpc_port}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.config.serve.http_port}"
+
+    def dev_player_url(
+        self, person: bytes, garments: dict[str, bytes], prompt: str, *, ttl_s: float = DEV_LAUNCH_TTL_S
+    ) -> str:
+        """The player page URL with a launch token for the dev tenant: each load of it opens a
+        session (reference `person`, the first of `garments`, `prompt`) and watches it, with the
+        garments as the catalog's buttons. Stores the person photo as an upload of the tenant,
+        the garments in the tenant's catalog (ids = the keys of `garments`), and the token's
+        digest in Redis for `ttl_s` seconds (revoked by `stop`). Also sets `player`."""
+        import asyncio
+
+        from services.studio.viewer import ViewerTokens
+        from shared.redis_util import connect
+        from shared.sessionbus import SessionRegistry
+        from shared.storage import GarmentCatalog, open_store, upload_key
+
+        tenant = next(iter(self.config.auth.api_keys))
+        store = open_store(self.config.storage)
+        reference_key = upload_key(tenant, person)
+        store.put_bytes_if_absent(reference_key, person)
+        catalog = GarmentCatalog(store)
+        for garment_id, image in garments.items():
+            catalog.add(image, garment_id, tenant=tenant, overwrite=True)
+
+        async def mint() -> str:
+            redis = connect(self.config.redis)
+            try:
+                tokens = ViewerTokens(
+                    redis, self.config.redis.namespace, self.config.viewer, SessionRegistry(redis, self.config.redis)
+                )
+                token, _ = await tokens.mint_launch(
+                    tenant, reference_key=reference_key, garment_id=next(iter(garments)), prompt=prompt, ttl_s=ttl_s
+                )
+                return token
+            finally:
+                await redis.aclose()
+
+        token = asyncio.run(mint())
+        self.cleanup.append(lambda: asyncio.run(_revoke_launch(self.config, token)))
+        self.player = f"{self.http_base}/player?launch={token}"
+        return self.player
 
     def describe(self) -> dict:
         c = self.config
         return {
             "grpc": self.grpc_target,
+            "http": self.http_base,
+            **({"player": self.player} if self.player else {}),
             "application": c.serve.app_name,
             "api_key": self.api_key,
             "tenant": next(iter(c.auth.api_keys)),
@@ -187,6 +242,20 @@ class Embedded:
         for fn in reversed(self.cleanup):
             with contextlib.suppress(Exception):
                 fn()
+
+
+async def _revoke_launch(config: AppConfig, token: str) -> None:
+    from services.studio.viewer import ViewerTokens
+    from shared.redis_util import connect
+    from shared.sessionbus import SessionRegistry
+
+    redis = connect(config.redis)
+    try:
+        await ViewerTokens(
+            redis, config.redis.namespace, config.viewer, SessionRegistry(redis, config.redis)
+        ).revoke_launch(token)
+    finally:
+        await redis.aclose()
 
 
 def _shutdown_serve(timeout_s: float) -> None:
@@ -285,7 +354,10 @@ def start_app(
         )
         if stage:
             stage("starting Ray")
-        for attempt in range(2):  # a loaded machine can miss Ray's GCS start-up deadline once
+        # A loaded machine can miss Ray's start-up deadlines (the raylet must register with the
+        # GCS within 30 s; Ray raises a bare Exception then, a RuntimeError for others): retry.
+        attempts = 3
+        for attempt in range(attempts):
             try:
                 ray.init(
                     num_cpus=num_cpus or max(2, os.cpu_count() or 2),
@@ -296,10 +368,12 @@ def start_app(
                     **({"logging_level": logging.ERROR} if quiet else {}),
                 )
                 break
-            except RuntimeError:
+            except Exception as exc:  # Ray's start-up timeout is a bare Exception
                 ray.shutdown()
-                if attempt:
+                if attempt == attempts - 1:
                     raise
+                log.warning("Ray start-up failed (%s); retrying (%d/%d)", exc, attempt + 2, attempts)
+                time.sleep(2.0)
     if quiet:
         quiet_ray()  # again: ray.init configured its loggers
     if stage:
@@ -330,6 +404,7 @@ def start_embedded(
     api_key: str | None = None,
     tenant: str = "dev",
     grpc_port: int | None = None,
+    http_port: int | None = None,
     realtime: bool = True,
     idle_ttl_s: float = 300.0,
     generator: dict | None = None,
@@ -353,7 +428,7 @@ def start_embedded(
         store_root=store_root,
         api_keys={tenant: key},
         grpc_port=grpc_port or free_port(),
-        http_port=free_port(),
+        http_port=http_port or free_port(),
         realtime=realtime,
         idle_ttl_s=idle_ttl_s,
         generator=generator,

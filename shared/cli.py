@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -28,6 +30,9 @@ if TYPE_CHECKING:
     from shared.models.presets import Preset
 
 USAGE_ERROR = 2
+# The names of shared.models.attention.BACKENDS, spelled out so that building a parser imports
+# no torch (tests/unit/test_cli_output.py checks that the two agree).
+ATTENTION_BACKENDS = ("math", "sdpa", "flash")
 
 
 class CliError(Exception):
@@ -47,6 +52,108 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+# ---- results: a summary for people, JSON for programs ----------------------------------------
+def add_json_argument(p: argparse.ArgumentParser) -> None:
+    """`--json` on a command that prints a result (see `emit`)."""
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as JSON, one object per line (the default when stdout is not a terminal)",
+    )
+
+
+def json_wanted(args: argparse.Namespace) -> bool:
+    """JSON with --json, or when stdout is a pipe or a file (scripts keep reading what they read);
+    a readable summary on a terminal."""
+    if getattr(args, "json", False):
+        return True
+    isatty = getattr(sys.stdout, "isatty", None)
+    return not (isatty is not None and isatty())
+
+
+def emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
+    """Print one result: `print_json(result)` for programs, `human(result)` on a terminal."""
+    if json_wanted(args):
+        print_json(result)
+    else:
+        sys.stdout.write(human(result).rstrip("\n") + "\n")
+        sys.stdout.flush()
+
+
+def fmt_value(v: Any) -> str:
+    """A value for people: 4 significant digits, '-' for none, lists comma-separated."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if math.isnan(v) or math.isinf(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}" if abs(v) >= 10_000 else str(v)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt_value(x) for x in v) if v else "-"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k} {fmt_value(x)}" for k, x in v.items()) if v else "-"
+    return str(v)
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 60:
+        return f"{s:.2f} s" if s < 10 else f"{s:.1f} s"
+    m, sec = divmod(int(round(s)), 60)
+    return f"{m // 60}:{m % 60:02d}:{sec:02d}" if m >= 60 else f"{m}:{sec:02d} min"
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def fmt_count(n: int | None) -> str:
+    """1234567 -> '1.23 M'."""
+    if n is None:
+        return "-"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return str(n)
+
+
+def format_fields(fields: Mapping[str, Any], indent: int = 2) -> str:
+    """`name  value` lines, names aligned; nested mappings become indented blocks. Keys are shown
+    with spaces for underscores."""
+    if not fields:
+        return ""
+    width = max(len(str(k)) for k in fields)
+    pad = " " * indent
+    lines = []
+    for k, v in fields.items():
+        name = str(k).replace("_", " ")
+        if isinstance(v, Mapping) and v and any(isinstance(x, (Mapping, list)) for x in v.values()):
+            lines.append(f"{pad}{name}:")
+            lines.append(format_fields(v, indent + 2))
+        else:
+            lines.append(f"{pad}{name.ljust(width)}  {fmt_value(v)}")
+    return "\n".join(lines)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], indent: int = 2) -> str:
+    """A plain text table of `rows` (one per line) with `columns`; values through `fmt_value`."""
+    cells = [[fmt_value(r.get(c)) for c in columns] for r in rows]
+    header = [c.replace("_", " ") for c in columns]
+    widths = [max(len(x) for x in col) for col in zip(header, *cells)]
+    pad = " " * indent
+    return "\n".join(pad + "  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *cells])
+
+
 def quiet_libraries() -> None:
     """diffusers / transformers warn about dtype casts and draw progress bars on every load and
     save; keep stderr for our own messages."""
@@ -61,11 +168,11 @@ def quiet_libraries() -> None:
 # ---- engine options ------------------------------------------------------------------------
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """--device/--dtype/--attention/--height/--width, shared by commands that run a model."""
-    from shared.models.attention import BACKENDS
-
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="compute dtype (default: float32)")
-    p.add_argument("--attention", default="auto", choices=["auto", *BACKENDS], help="attention backend (default: auto)")
+    p.add_argument(
+        "--attention", default="auto", choices=["auto", *ATTENTION_BACKENDS], help="attention backend (default: auto)"
+    )
     p.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
     p.add_argument("--width", type=int, help="video width in pixels (default: the preset's)")
     p.add_argument(

@@ -9,7 +9,8 @@
 
 Several GPUs: `torchrun --nproc-per-node 8 -m services.cli train teacher --recipe wan2.2-ti2v-5b ...`
 (torchrun's RANK / WORLD_SIZE / LOCAL_RANK are read here, at the edge). A run folder that
-already holds a checkpoint resumes from it. Prints one JSON summary on stdout.
+already holds a checkpoint resumes from it. Prints a summary on stdout: readable on a terminal,
+one JSON object with --json or when stdout is not a terminal. Progress bars go to stderr.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ import os
 import time
 from pathlib import Path
 
-from shared.cli import CliError, check_output_folder, print_json
+from shared.cli import (
+    CliError,
+    add_json_argument,
+    check_output_folder,
+    emit,
+    fmt_seconds,
+    fmt_value,
+    format_fields,
+    format_table,
+)
 
 STAGE_COMMANDS = {"teacher": "teacher", "teacher-forcing": "teacher_forcing", "dmd": "dmd"}
 
@@ -39,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         s.add_argument("--data", metavar="DIR_OR_URL", help="preprocessed dataset (sets data.root)")
         s.add_argument("--run-dir", metavar="DIR", help="run folder (default: runs/<recipe>/<stage>)")
         s.add_argument("--max-steps", type=int, metavar="N", help="stop after step N (default: the recipe's)")
+        s.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="a progress bar on stderr (default: the recipe's run.progress; on for full recipes)",
+        )
+        add_json_argument(s)
         s.set_defaults(run=run_stage, stage=stage)
 
     e = sub.add_parser("export", help="write a servable checkpoint folder from a training save")
@@ -47,6 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to create")
     e.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    add_json_argument(e)
     e.set_defaults(run=run_export)
 
     pre = sub.add_parser("preprocess", help="encode raw samples into latent shards")
@@ -60,6 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pre.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     pre.add_argument("--upload", metavar="URL", help="also upload to an object store (s3://bucket/prefix?endpoint=...)")
     pre.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    pre.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_argument(pre)
     pre.set_defaults(run=run_preprocess)
 
     t = sub.add_parser(
@@ -72,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, metavar="DIR", help="run folder (created; resumed when it exists)")
     t.add_argument("--quick", action="store_true", help="a few steps of every stage (a smoke run of minutes)")
     t.add_argument("--no-eval", action="store_true", help="skip the held-out bench at the end")
+    add_json_argument(t)
     t.set_defaults(run=run_toy)
 
     f = sub.add_parser(
@@ -94,11 +115,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     f.add_argument("--finetune", action="store_true", help="start from the checkpoint's existing fast_decoder/")
+    add_json_argument(f)
     f.set_defaults(run=run_fast_decoder)
 
     r = sub.add_parser("recipe", help="print a recipe (resolved) and its per-GPU memory plan")
     _recipe_arguments(r)
     r.add_argument("--gpus", type=int, default=8, help="GPUs for the memory plan (default: 8)")
+    add_json_argument(r)
     r.set_defaults(run=run_recipe)
 
 
@@ -123,6 +146,8 @@ def _load_recipe(args: argparse.Namespace, stage: str | None):
             overrides[f"{stage}.{key}" if stage else key] = value
         if stage and getattr(args, "data", None):
             overrides[f"{stage}.data.root"] = args.data
+        if stage and getattr(args, "progress", None) is not None:
+            overrides[f"{stage}.run.progress"] = args.progress
         return load_recipe(args.recipe, overrides)
     except (KeyError, ValueError) as e:
         raise CliError(f"recipe: {e.args[0] if isinstance(e, KeyError) else e}") from None
@@ -159,7 +184,8 @@ def run_stage(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     if info.is_main:
-        print_json(
+        emit(
+            args,
             {
                 "stage": args.stage,
                 "recipe": recipe.name,
@@ -169,9 +195,25 @@ def run_stage(args: argparse.Namespace) -> int:
                 "world_size": world,
                 "last": history[-1] if history else None,
                 "seconds": round(time.perf_counter() - start, 3),
-            }
+            },
+            describe_stage,
         )
     return 0
+
+
+def describe_stage(r: dict) -> str:
+    steps = (
+        f"steps {r['resumed_from']}..{r['step']}"
+        if r["step"] > r["resumed_from"]
+        else f"nothing to do at step {r['step']}"
+    )
+    lines = [
+        f"{r['stage'].replace('_', ' ')} stage of recipe {r['recipe']}: {steps} "
+        f"on {r['world_size']} rank(s) in {fmt_seconds(r['seconds'])}; saved in {r['run_dir']}"
+    ]
+    if r["last"]:
+        lines.append("  last step  " + ", ".join(f"{k} {fmt_value(v)}" for k, v in r["last"].items() if k != "step"))
+    return "\n".join(lines)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -182,7 +224,14 @@ def run_export(args: argparse.Namespace) -> int:
         summary = export(args.source, out)
     except FileNotFoundError as e:
         raise CliError(str(e)) from None
-    print_json(summary)
+    emit(
+        args,
+        summary,
+        lambda r: (
+            f"exported {r['stage'].replace('_', ' ')} step {r['step']} (recipe {r['recipe']}) as checkpoint "
+            f"{r['checkpoint_id']}: {r['path']}"
+        ),
+    )
     return 0
 
 
@@ -202,6 +251,11 @@ def run_preprocess(args: argparse.Namespace) -> int:
         samples = read_manifest(args.manifest)
     else:
         samples = synthetic_samples(args.synthetic, st.height, st.width, pixel_frames=args.max_pixel_frames)
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        total = args.synthetic if args.manifest is None else _manifest_rows(args.manifest)
+        samples = tqdm(samples, total=total, desc="preprocess", unit="sample", dynamic_ncols=True)
     start = time.perf_counter()
     try:
         index = preprocess(
@@ -222,16 +276,28 @@ def run_preprocess(args: argparse.Namespace) -> int:
         creds = _credentials() or (None, None)
         store = open_store(StorageConfig.from_url(args.upload, access_key=creds[0], secret_key=creds[1]))
         uploaded = upload_dataset(out, store, "")
-    print_json(
+    emit(
+        args,
         {
             "path": str(out),
             "samples": index.num_samples,
             "shards": len(index.shards),
             "uploaded_objects": uploaded,
             "seconds": round(time.perf_counter() - start, 3),
-        }
+        },
+        lambda r: (
+            f"wrote {r['samples']} samples in {r['shards']} shard(s) to {r['path']} in "
+            f"{fmt_seconds(r['seconds'])}"
+            + (f"; uploaded {r['uploaded_objects']} objects" if r["uploaded_objects"] else "")
+        ),
     )
     return 0
+
+
+def _manifest_rows(path: str) -> int:
+    """Samples in a manifest (its non-blank lines), the preprocess bar's total."""
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def run_toy(args: argparse.Namespace) -> int:
@@ -261,8 +327,25 @@ def run_toy(args: argparse.Namespace) -> int:
         summary["bench"] = bench["summary"]
         print(format_table(bench["summary"]), file=sys.stderr)
     summary["seconds"] = round(time.perf_counter() - start, 1)
-    print_json(summary)
+    emit(args, summary, describe_toy)
     return 0
+
+
+def describe_toy(r: dict) -> str:
+    lines = [f"toy model trained in {fmt_seconds(r['seconds'])}: {r['checkpoint']}"]
+    rows = []
+    for stage in ("teacher", "teacher_forcing", "dmd"):
+        if stage in r:
+            first_last = r[stage].get("loss_first_last") or (None, None)
+            rows.append({"stage": stage.replace("_", " "), "checkpoint": r[stage]["export"].get("checkpoint_id"),
+                         "loss_first": first_last[0], "loss_last": first_last[1]})  # fmt: skip
+    if "vae" in r:
+        lines.append(f"  VAE: held-out PSNR {fmt_value(r['vae'].get('psnr_db'))} dB")
+    if rows:
+        lines.append(format_table(rows, ("stage", "checkpoint", "loss_first", "loss_last")))
+    if "bench" in r:
+        lines.append("  (the bench table is above, on stderr)")
+    return "\n".join(lines)
 
 
 def run_fast_decoder(args: argparse.Namespace) -> int:
@@ -294,7 +377,14 @@ def run_fast_decoder(args: argparse.Namespace) -> int:
             finetune=args.finetune,
         )
         report = train_fast_decoder(root, cfg, progress=progress)
-    print_json({"fast_decoder": str(root / "fast_decoder"), **report, "seconds": round(time.perf_counter() - start, 1)})
+    emit(
+        args,
+        {"fast_decoder": str(root / "fast_decoder"), **report, "seconds": round(time.perf_counter() - start, 1)},
+        lambda r: (
+            f"wrote {r['fast_decoder']} in {fmt_seconds(r['seconds'])}\n"
+            + format_fields({k: v for k, v in r.items() if k not in ("fast_decoder", "seconds")})
+        ),
+    )
     return 0
 
 
@@ -308,8 +398,20 @@ def run_recipe(args: argparse.Namespace) -> int:
     for stage in ("teacher", "teacher_forcing", "dmd"):
         frames = recipe.stage(stage).data.latent_frames
         plans[stage] = memory_plan(preset, stage, args.gpus, frames, recipe.stage(stage).data.batch_size).model_dump()
-    print_json({"recipe": recipe.model_dump(mode="json"), "memory_plan": plans})
+    emit(args, {"recipe": recipe.model_dump(mode="json"), "memory_plan": plans}, describe_recipe)
     return 0
+
+
+def describe_recipe(r: dict) -> str:
+    rows = list(r["memory_plan"].values())
+    name = r["recipe"]["name"]
+    return (
+        f"recipe {name}: memory per GPU on {rows[0]['world_size']} GPU(s), GiB (`--json` prints the resolved recipe)\n"
+        + format_table(
+            rows,
+            ("stage", "parameters", "tokens", "model_states_gib", "activations_gib", "kv_cache_gib", "total_gib"),
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,17 +14,38 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
-
-from shared.cli import CliError, Parser, check_output_folder, print_json
-from shared.models.checkpoint import CheckpointError, build_random, read_preset, save_checkpoint
+from shared.cli import (
+    CliError,
+    Parser,
+    add_json_argument,
+    check_output_folder,
+    emit,
+    fmt_bytes,
+    fmt_count,
+    fmt_seconds,
+    format_fields,
+)
 from shared.models.presets import get_preset
-from shared.runtime.kv_cache import KVCacheSpec
+
+if TYPE_CHECKING:  # torch loads when a command runs, not for --help
+    import torch
 
 COMPONENTS = ("transformer", "vae", "text_encoder")
-INIT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+INIT_DTYPES = ("float32", "bfloat16")  # weights dtypes of `init` (names of torch dtypes)
+
+
+def _read_preset(root):
+    """(preset, checkpoint id) of a checkpoint folder, or a one-line CliError."""
+    from shared.models.checkpoint import CheckpointError, read_preset
+
+    try:
+        return read_preset(root)
+    except CheckpointError as e:
+        raise CliError(f"cannot read checkpoint: {e}") from None
+    except ValueError as e:
+        raise CliError(f"checkpoint {root} has an invalid config: {e}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,12 +56,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--preset", required=True, metavar="NAME", help="preset (see `fashionchameleon presets`)")
     init.add_argument("--out", required=True, metavar="DIR", help="folder to create (must be new or empty)")
     init.add_argument("--seed", type=int, default=0, help="weights seed (default: 0)")
-    init.add_argument("--dtype", default="float32", choices=sorted(INIT_DTYPES), help="weights dtype")
+    init.add_argument("--dtype", default="float32", choices=INIT_DTYPES, help="weights dtype")
     init.add_argument("--force", action="store_true", help="write into a non-empty folder")
+    add_json_argument(init)
     init.set_defaults(run=run_init)
 
-    info = sub.add_parser("info", help="print a checkpoint's preset and config summary as JSON")
+    info = sub.add_parser("info", help="print a checkpoint's preset, sizes and configs (--json: all fields)")
     info.add_argument("dir", metavar="DIR", help="checkpoint folder")
+    add_json_argument(info)
     info.set_defaults(run=run_info)
 
     push = sub.add_parser(
@@ -69,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also delete objects under STORE/ID/ that DIR does not have (default: refuse)",
     )
+    add_json_argument(push)
     push.set_defaults(run=run_push)
 
 
@@ -77,13 +101,17 @@ def _module_parameters(module: torch.nn.Module) -> int:
 
 
 def run_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.models.checkpoint import build_random, save_checkpoint
+
     try:
         preset = get_preset(args.preset)
     except KeyError as e:
         raise CliError(e.args[0]) from None
     out = check_output_folder(args.out, force=args.force)
     start = time.perf_counter()
-    components = build_random(preset, seed=args.seed, dtype=INIT_DTYPES[args.dtype])
+    components = build_random(preset, seed=args.seed, dtype=getattr(torch, args.dtype))
     save_checkpoint(components, out)
     params = {
         "transformer": _module_parameters(components.dit),
@@ -91,7 +119,8 @@ def run_init(args: argparse.Namespace) -> int:
         "text_encoder": _module_parameters(components.text_encoder.model),
     }
     params["total"] = sum(params.values())
-    print_json(
+    emit(
+        args,
         {
             "path": str(out),
             "preset": preset.name,
@@ -101,13 +130,27 @@ def run_init(args: argparse.Namespace) -> int:
             "tokenizer": components.text_encoder.config.tokenizer,
             "parameters": params,
             "seconds": time.perf_counter() - start,
-        }
+        },
+        _describe_init,
     )
     return 0
 
 
+def _describe_init(r: dict) -> str:
+    p = r["parameters"]
+    return (
+        f"wrote a random-weight {r['preset']} checkpoint ({r['dtype']}, seed {r['seed']}) to {r['path']} "
+        f"in {fmt_seconds(r['seconds'])}\n"
+        f"  id          {r['checkpoint_id']}\n"
+        f"  parameters  {fmt_count(p['total'])} (transformer {fmt_count(p['transformer'])}, "
+        f"VAE {fmt_count(p['vae'])}, text encoder {fmt_count(p['text_encoder'])})"
+    )
+
+
 def _weights_summary(folder: Path) -> dict:
     """Parameter count and dtypes from the safetensors headers of one component folder."""
+    from safetensors import safe_open
+
     count, dtypes = 0, set()
     files = sorted(folder.glob("*.safetensors"))
     for file in files:
@@ -123,18 +166,18 @@ def _weights_summary(folder: Path) -> dict:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.runtime.kv_cache import KVCacheSpec
+
     root = Path(args.dir).expanduser().absolute()
-    try:
-        preset, checkpoint_id = read_preset(root)
-    except CheckpointError as e:
-        raise CliError(f"cannot read checkpoint: {e}") from None
-    except ValueError as e:
-        raise CliError(f"checkpoint {root} has an invalid config: {e}") from None
+    preset, checkpoint_id = _read_preset(root)
     weights = {name: _weights_summary(root / name) for name in COMPONENTS}
     params = {name: w["parameters"] for name, w in weights.items()}
     params["total"] = sum(params.values())
     vae = preset.vae.model_dump(mode="json", exclude={"latents_mean", "latents_std"})
-    print_json(
+    emit(
+        args,
         {
             "path": str(root),
             "checkpoint_id": checkpoint_id,
@@ -144,7 +187,7 @@ def run_info(args: argparse.Namespace) -> int:
             "fps": preset.streaming.fps,
             "tokens_per_frame": preset.tokens_per_frame(),
             "kv_cache_bytes": {
-                name: KVCacheSpec.from_preset(preset, dtype).bytes for name, dtype in INIT_DTYPES.items()
+                name: KVCacheSpec.from_preset(preset, getattr(torch, name)).bytes for name in INIT_DTYPES
             },
             "parameters": params,
             "weights": weights,
@@ -152,9 +195,31 @@ def run_info(args: argparse.Namespace) -> int:
             "vae": vae,
             "text_encoder": preset.text_encoder.model_dump(mode="json"),
             "streaming": preset.streaming.model_dump(mode="json"),
-        }
+        },
+        describe_info,
     )
     return 0
+
+
+def describe_info(r: dict) -> str:
+    """`checkpoint info` for people: what the folder is, its sizes, the streaming settings."""
+    st, w = r["streaming"], r["weights"]
+    weights = ", ".join(
+        f"{name.replace('_', ' ')} {fmt_count(w[name]['parameters'])} ({'/'.join(w[name]['dtypes']) or 'no weights'})"
+        for name in COMPONENTS
+    )
+    fields = {
+        "checkpoint": f"{r['checkpoint_id']} (preset {r['preset']})",
+        "video": f"{r['width']}x{r['height']} at {r['fps']} fps, {r['tokens_per_frame']} tokens per latent frame",
+        "parameters": f"{fmt_count(r['parameters']['total'])}: {weights}",
+        "DiT": f"{r['dit']['num_layers']} layers, {r['dit']['num_attention_heads']} heads x "
+        f"{r['dit']['attention_head_dim']}",
+        "KV cache": ", ".join(f"{fmt_bytes(n)} per session in {name}" for name, n in r["kv_cache_bytes"].items()),
+        "streaming": f"chunks of {st['chunk_frames']} latent frames; cache cond {st['cond_frames']} + sink "
+        f"{st['sink_frames']} + window {st['max_cache_frames'] - st['sink_frames']} frames; trained at "
+        f"{st['trained_frames']}; RoPE {st['rope_policy']}",
+    }
+    return f"{r['path']}\n{format_fields(fields)}\n(`--json` prints every field)"
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -168,12 +233,7 @@ def run_push(args: argparse.Namespace) -> int:
     from shared.storage import StorageConfig, StorageError, open_store
 
     root = Path(args.dir).expanduser().absolute()
-    try:
-        read_preset(root)
-    except CheckpointError as e:
-        raise CliError(f"cannot read checkpoint: {e}") from None
-    except ValueError as e:
-        raise CliError(f"checkpoint {root} has an invalid config: {e}") from None
+    _read_preset(root)
     checkpoint_id = args.checkpoint_id or root.name
     try:
         validate_checkpoint_id(checkpoint_id)
@@ -220,7 +280,8 @@ def run_push(args: argparse.Namespace) -> int:
             store.delete(prefix + rel)
     except StorageError as e:
         raise CliError(f"object store: {' '.join(str(e).split())}") from None
-    print_json(
+    emit(
+        args,
         {
             "status": "pushed",
             "checkpoint_id": checkpoint_id,
@@ -234,6 +295,11 @@ def run_push(args: argparse.Namespace) -> int:
             "deleted": len(extra),
             "bytes": nbytes,
             "seconds": round(time.perf_counter() - start, 3),
-        }
+        },
+        lambda r: (
+            f"pushed {r['path']} to {r['store']}{r['checkpoint_id']}/: {r['objects']} objects, "
+            f"{r['uploaded']} uploaded ({fmt_bytes(r['bytes'])}), {r['skipped']} unchanged, {r['deleted']} deleted "
+            f"in {fmt_seconds(r['seconds'])}"
+        ),
     )
     return 0

@@ -3,7 +3,7 @@ optional garment switches, streamed chunk by chunk into an H.264 MP4.
 
 Everything the user gave is checked (images decoded, checkpoint configs read, output folder
 probed) before a model is built, so bad input fails in well under a second of model time.
-Prints one JSON summary on stdout; see `summarize` for its fields.
+Prints a summary on stdout (`summarize`: JSON with --json or off a terminal, else `describe`).
 """
 
 from __future__ import annotations
@@ -13,33 +13,37 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from shared.cli import (
     CliError,
     add_engine_arguments,
+    add_json_argument,
     check_output_file,
+    emit,
     engine_config,
-    print_json,
+    fmt_seconds,
     read_image,
     shipped_checkpoint,
 )
-from shared.media.video import Mp4Writer
-from shared.models.checkpoint import CheckpointError, build_random, read_preset
 from shared.models.presets import Preset, get_preset
 from shared.models.prompts import validate_prompt
 from shared.runtime.config import EngineConfig
-from shared.runtime.pipeline import DTYPES, Engine
-from shared.runtime.session import SwitchOptions
 
-from .stats import ChunkTiming, stream_rates
+if TYPE_CHECKING:  # torch, PIL and the engine load when a clip is generated, not for --help
+    from PIL import Image
+
+    from shared.runtime.pipeline import Engine
+    from shared.runtime.session import SwitchOptions
+
+    from .stats import ChunkTiming
 
 DESCRIPTION = """\
 Generate a try-on clip. The first chunk has 9 pixel frames, later chunks 12, so N chunks give
 9 + 12 (N - 1) frames at the preset's fps. A switch K:IMG changes the garment before chunk K
 (chunk K is the first one wearing IMG); K must lie in 1..N-1. Same inputs and seed give the
-same frames. Prints one JSON summary on stdout."""
+same frames. Prints a summary on stdout: readable on a terminal, one JSON object with --json or
+when stdout is not a terminal."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             f"--no-{step}", dest=step, action="store_false", help=f"skip the garment switch's {step} step (ablation)"
         )
     p.add_argument("--out", required=True, metavar="FILE", help="output MP4 path (folders are created)")
+    add_json_argument(p)
     p.set_defaults(run=run)
 
 
@@ -112,6 +117,8 @@ def parse_switch(spec: str, chunks: int) -> tuple[int, str]:
 
 
 def _source_preset(args: argparse.Namespace) -> Preset:
+    from shared.models.checkpoint import CheckpointError, read_preset
+
     if args.preset is None and args.checkpoint is None:
         args.checkpoint = shipped_checkpoint()
     if args.preset is not None:
@@ -130,6 +137,8 @@ def _source_preset(args: argparse.Namespace) -> Preset:
 
 def validate(args: argparse.Namespace) -> GenerateRequest:
     """Check everything, cheapest first; nothing here builds a model."""
+    from shared.runtime.session import SwitchOptions
+
     if args.chunks < 1:
         raise CliError(f"--chunks must be at least 1, got {args.chunks}")
     parsed = [parse_switch(s, args.chunks) for s in args.switch]
@@ -173,6 +182,9 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
 
 
 def build_engine(req: GenerateRequest) -> Engine:
+    from shared.models.checkpoint import CheckpointError, build_random
+    from shared.runtime.pipeline import DTYPES, Engine
+
     if req.checkpoint is None:
         return Engine(build_random(req.preset, req.weights_seed, DTYPES[req.config.dtype]), req.config)
     try:
@@ -195,6 +207,10 @@ class StreamRecord:
 def stream_to_mp4(engine: Engine, req: GenerateRequest) -> StreamRecord:
     """Open a session, generate `req.chunks` chunks (switching where asked) and write them as
     they come. The file appears at `req.out` only when complete (written next to it first)."""
+    from shared.media.video import Mp4Writer
+
+    from .stats import ChunkTiming
+
     partial = req.out.with_name(f".{req.out.name}.partial")
     session = engine.session()
     chunks: list[ChunkTiming] = []
@@ -228,6 +244,8 @@ def stream_to_mp4(engine: Engine, req: GenerateRequest) -> StreamRecord:
 
 def summarize(engine: Engine, req: GenerateRequest, record: StreamRecord, load_seconds: float) -> dict:
     """The JSON summary. Seconds are wall-clock; FPS definitions in `services.cli.stats`."""
+    from .stats import stream_rates
+
     rates = stream_rates(record.chunks)
     return {
         "out": str(req.out),
@@ -253,11 +271,34 @@ def summarize(engine: Engine, req: GenerateRequest, record: StreamRecord, load_s
     }
 
 
+def _fps(rate: float | None) -> str:
+    return "- FPS" if rate is None else f"{rate:.1f} FPS"
+
+
+def describe(summary: dict) -> str:
+    """`summarize`'s dict for people: what was written, by which model, how fast."""
+    seconds = summary["frames"] / summary["fps"] if summary["fps"] else 0.0
+    lines = [
+        f"wrote {summary['out']}: {summary['frames']} frames in {summary['chunks']} chunks, "
+        f"{summary['width']}x{summary['height']} at {summary['fps']} fps ({seconds:.1f} s of video), seed {summary['seed']}",
+        f"  model     {summary['preset']} ({summary['checkpoint_id']}) on {summary['device']} {summary['dtype']}, "
+        f"loaded in {fmt_seconds(summary['load_seconds'])}",
+        f"  speed     first chunk after {fmt_seconds(summary['time_to_first_chunk_seconds'])}, "
+        f"backbone {_fps(summary['backbone_fps'])}, end to end {_fps(summary['end_to_end_fps'])}, "
+        f"total {fmt_seconds(summary['total_seconds'])}",
+    ]
+    for sw in summary["switches"]:
+        lines.append(
+            f"  switch    before chunk {sw['chunk']} to {sw['garment']} ({fmt_seconds(sw['latency_seconds'])})"
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     req = validate(args)
     start = time.perf_counter()
     engine = build_engine(req)
     load_seconds = time.perf_counter() - start
     record = stream_to_mp4(engine, req)
-    print_json(summarize(engine, req, record, load_seconds))
+    emit(args, summarize(engine, req, record, load_seconds), describe)
     return 0

@@ -9,19 +9,23 @@ import argparse
 
 from shared.cli import print_json
 from shared.models.presets import PRESETS, Preset
-from shared.runtime.kv_cache import KVCacheSpec
-from shared.runtime.pipeline import DTYPES
+from shared.runtime.config import DTYPE_NAMES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("presets", help="list model presets with token and KV-cache sizes")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="KV-cache dtype (default: bfloat16)")
+    p.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(DTYPE_NAMES), help="KV-cache dtype (default: bfloat16)"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per preset instead of a table")
     p.set_defaults(run=run)
 
 
 def describe(preset: Preset, dtype_name: str) -> dict:
     """A preset at its default resolution: token counts (per latent frame) and cache bytes."""
+    from shared.runtime.kv_cache import KVCacheSpec
+    from shared.runtime.pipeline import DTYPES
+
     st = preset.streaming
     spec = KVCacheSpec.from_preset(preset, DTYPES[dtype_name])
     return {

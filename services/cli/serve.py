@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"DIR/clips/<tenant>/<session>.mp4 (default: ./{DEFAULT_STORE})",
     )
     up.add_argument("--grpc-port", type=int, default=9000, help="Studio gRPC port (default 9000)")
+    up.add_argument(
+        "--http-port",
+        type=int,
+        default=0,
+        help="Studio HTTP port: the player page, its WebSocket and the health probes (default: a free port)",
+    )
     up.add_argument("--api-key", help="API key for tenant 'dev' (default: a random one, printed)")
     up.set_defaults(run=run_up)
 
@@ -148,8 +154,19 @@ def run_up(args) -> int:
     start_child_reaper()  # first: whatever happens next, nothing we start outlives us
     store = Path(args.store).expanduser().absolute()
     emb = _start(
-        args, stage, redis_url=args.redis_url, store_root=str(store), grpc_port=args.grpc_port, api_key=args.api_key
+        args,
+        stage,
+        redis_url=args.redis_url,
+        store_root=str(store),
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        api_key=args.api_key,
     )
+    try:
+        player = emb.dev_player_url(*_player_inputs(), DEMO_PROMPT)
+    except Exception:
+        emb.stop(serve_timeout_s=SERVE_DRAIN_S)
+        raise
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
@@ -163,6 +180,7 @@ def run_up(args) -> int:
     tenant = emb.describe()["tenant"]
     stage(f"serving (Ctrl-C stops); API key for tenant {tenant!r}: {emb.api_key}")
     stage(f"saved clips go to {store / 'clips' / tenant}/<session>.mp4 (kept after exit)")
+    stage(f"watch in a browser (each load opens a new session of tenant {tenant!r}): {player}")
     try:
         stop.wait()
     finally:
@@ -182,6 +200,17 @@ def _image_bytes(name: str, fallback_color: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _player_inputs() -> tuple[bytes, dict[str, bytes]]:
+    """The dev player's inputs: the example person and the two example garments (catalog ids
+    "red" and "green"; the first is worn when a session opens)."""
+    person = _image_bytes("person.png", (90, 110, 150))
+    garments = {
+        "red": _image_bytes("garment-red.png", (200, 40, 50)),
+        "green": _image_bytes("garment-green.png", (40, 150, 80)),
+    }
+    return person, garments
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -8,8 +8,8 @@
     fashionchameleon eval report runs/ckpt-0501              # rebuild report.{json,md,html}
     fashionchameleon eval compare runs/baseline runs/ckpt-0501   # exit 1 on a regression
 
-`run` resumes when pointed at an existing run folder. It prints one JSON summary on stdout and
-exits 1 when a sample failed to generate. `compare` prints a table and exits 1 when a gated
+`run` resumes when pointed at an existing run folder. It prints a summary on stdout (JSON with
+--json or when stdout is not a terminal) and exits 1 when a sample failed to generate. `compare` prints a table and exits 1 when a gated
 metric regressed (see `services.eval.compare`). Secrets (judge and Studio API keys) are read
 from environment variables named by flags, never given on the command line.
 """
@@ -22,7 +22,18 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.cli import CliError, Parser, add_engine_arguments, engine_config, print_json, shipped_checkpoint
+from shared.cli import (
+    CliError,
+    Parser,
+    add_engine_arguments,
+    add_json_argument,
+    emit,
+    engine_config,
+    fmt_value,
+    format_table,
+    print_json,
+    shipped_checkpoint,
+)
 
 SMOKE = "smoke"
 TOY = "toy"
@@ -65,7 +76,8 @@ def _run_toy_bench(args) -> int:
         label=args.label,
     )
     run_dir = Path(args.out)
-    print_json(
+    emit(
+        args,
         {
             "run_id": report["run_id"],
             "run_dir": str(run_dir),
@@ -75,9 +87,25 @@ def _run_toy_bench(args) -> int:
             "failed": 0,
             "reports": {k: str(run_dir / f"report.{k}") for k in ("json", "md", "html")},
             "metrics": {k: m["value"] for k, m in report["metrics"].items()},
-        }
+        },
+        describe_run,
     )
     return 0
+
+
+def describe_run(r: dict) -> str:
+    """`eval run`'s summary for people: the run, its metrics one per line, where the reports are."""
+    lines = [
+        f"eval run {r['run_id']} on bench {r['benchmark']}: {r['samples']} samples, {r['failed']} failed",
+        format_table([{"metric": k, "value": v} for k, v in r["metrics"].items()], ("metric", "value"))
+        if r["metrics"]
+        else "  (no metrics)",
+    ]
+    for name, reasons in r.get("unavailable", {}).items():
+        why = "; ".join(f"{reason} ({n})" for reason, n in reasons.items()) if isinstance(reasons, dict) else reasons
+        lines.append(f"  {name}: unavailable ({fmt_value(why)})")
+    lines.append(f"report: {r['reports']['html']} (also .md, .json)")
+    return "\n".join(lines)
 
 
 def _preset(name: str):
@@ -110,6 +138,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     smoke = sub.add_parser("smoke-bench", help="write the procedurally generated smoke bench")
     smoke.add_argument("--out", required=True, metavar="DIR", help="folder for manifest.jsonl and images/")
+    add_json_argument(smoke)
     smoke.set_defaults(run=run_smoke)
 
     run = sub.add_parser("run", help="generate and score every sample of a benchmark")
@@ -167,6 +196,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         run.add_argument(
             f"--no-{step}", dest=step, action="store_false", help=f"skip the switch's {step} step (ablation)"
         )
+    add_json_argument(run)
     run.set_defaults(run=run_eval)
 
     rep = sub.add_parser("report", help="(re)build report.{json,md,html} of a run folder")
@@ -174,6 +204,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rep.add_argument("--bench", metavar="MANIFEST", help="the run's manifest (adds input thumbnails); 'smoke' allowed")
     rep.add_argument("--store", metavar="URL", help="also store the reports in this object store")
     rep.add_argument("--prefix", default="eval", help="object-store prefix (default eval)")
+    add_json_argument(rep)
     rep.set_defaults(run=run_report)
 
     cmp_ = sub.add_parser("compare", help="side-by-side metrics of two runs; exit 1 on a regression")
@@ -330,7 +361,7 @@ def run_smoke(args) -> int:
     from services.eval.smoke import write_smoke_bench
 
     manifest = write_smoke_bench(args.out)
-    print_json({"manifest": str(manifest)})
+    emit(args, {"manifest": str(manifest)}, lambda r: f"wrote the smoke bench: {r['manifest']}")
     return 0
 
 
@@ -359,7 +390,8 @@ def run_eval(args) -> int:
         raise CliError(str(e)) from None
     report = write_reports(run_dir, bench, store, cfg.report_prefix)
     headline = {k: m["value"] for k, m in report["metrics"].items()}
-    print_json(
+    emit(
+        args,
         {
             "run_id": report["run_id"],
             "run_dir": str(run_dir),
@@ -370,7 +402,8 @@ def run_eval(args) -> int:
             "objects": report.get("objects", {}),
             "metrics": headline,
             "unavailable": {k: m["reasons"] for k, m in report["metrics"].items() if m["status"] == "unavailable"},
-        }
+        },
+        describe_run,
     )
     return 1 if progress.failed else 0
 
@@ -384,12 +417,17 @@ def run_report(args) -> int:
     store = _store(args.store)
     bench = _bench(args.bench, run_dir, store) if args.bench else None
     report = write_reports(run_dir, bench, store, args.prefix)
-    print_json(
+    emit(
+        args,
         {
             "run_id": report["run_id"],
             "reports": {k: str(run_dir / f"report.{k}") for k in ("json", "md", "html")},
             "objects": report.get("objects", {}),
-        }
+        },
+        lambda r: (
+            f"wrote the reports of run {r['run_id']}: {', '.join(r['reports'].values())}"
+            + "".join(f"\n  stored as {key}" for key in r["objects"].values())
+        ),
     )
     return 0
 

@@ -10,8 +10,9 @@ Aggregation rules:
 A metric with no ok value anywhere has status "unavailable" (or "missing" / "error") and the
 reasons, so a reader sees why a column is empty.
 
-The HTML page inlines everything (CSS, matplotlib histograms and per-sample frame strips as
-base64 images): one file that opens anywhere, no network.
+The HTML page inlines everything (CSS, matplotlib histograms, each sample's video with a marker
+per garment switch on a clickable timeline, and per-sample frame strips as base64): one file
+that opens anywhere, no network.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import itertools
 import json
 import math
 import time
@@ -31,6 +33,9 @@ from PIL import Image
 
 from .backends import ENGINE_TIMING, GenerationRecord
 from .bench import Benchmark
+from .html_video import CSS as VIDEO_CSS
+from .html_video import SCRIPT as VIDEO_SCRIPT
+from .html_video import Switch, video_with_switches
 from .metrics.base import METRIC_INFO, MetricInfo, MetricResult, sample_indices
 from .runner import RUN_FILE, load_sample_results, read_json, write_json_atomic
 
@@ -186,6 +191,7 @@ def build_report(run_dir: str | Path, bench: Benchmark | None = None) -> dict[st
                 "error": err,
                 "interactive": interactive.get(sid, len(rec.segments) > 1),
                 "frames": rec.frames,
+                "fps": rec.fps,
                 "values": {r.key: r.value for r in all_results},
                 "statuses": {r.key: r.status for r in all_results},
                 "reasons": {r.key: r.reason for r in all_results if r.reason},
@@ -321,6 +327,20 @@ def _png_b64(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _tick_label_for(ax):
+    """Tick labels with as many decimals as the tick spacing needs (1.72 / 1.725, not 1.72 / 1.72),
+    large values as 1.2k: distinct and short, so neighbours do not run into each other."""
+
+    def label(x: float, _pos) -> str:
+        ticks = [t for t in ax.get_xticks() if math.isfinite(t)]
+        step = min((b - a for a, b in itertools.pairwise(ticks) if b > a), default=abs(x) or 1.0)
+        if max(abs(t) for t in ticks or [x]) >= 10_000:
+            return f"{x / 1000:.{max(0, -math.floor(math.log10(step / 1000)))}f}k"
+        return f"{x:.{max(0, -math.floor(math.log10(step)))}f}"
+
+    return label
+
+
 def histograms(report: dict) -> dict[str, str]:
     """Per metric with at least one value: a base64 PNG histogram of the per-sample values."""
     try:
@@ -329,6 +349,7 @@ def histograms(report: dict) -> dict[str, str]:
         return {}  # the page says so; the numbers are all in the tables
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     out = {}
     for key, m in report["metrics"].items():
@@ -336,12 +357,23 @@ def histograms(report: dict) -> dict[str, str]:
         vals = [v for v in vals if v is not None]
         if not vals:
             continue
-        fig, ax = plt.subplots(figsize=(3.2, 2.0))
-        ax.hist(vals, bins=min(20, max(3, len(vals))), color="#4c72b0", edgecolor="white")
-        ax.set_title(key, fontsize=8)
+        fig, ax = plt.subplots(figsize=(3.6, 2.4))
+        try:
+            ax.hist(vals, bins=min(20, max(3, len(vals))), color="#4c72b0", edgecolor="white")
+        except ValueError:  # values equal up to rounding: numpy cannot split the range into bins
+            pad = max(abs(max(vals)) * 1e-3, 1e-9)
+            ax.hist(vals, bins=1, range=(min(vals) - pad, max(vals) + pad), color="#4c72b0", edgecolor="white")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel(m.get("unit") or "value", fontsize=8)
+        ax.set_ylabel("samples", fontsize=8)
+        # few ticks and compact numbers: long tick labels (fps, seconds) no longer run into each other
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(_tick_label_for(ax)))
         ax.tick_params(labelsize=7)
         if m["value"] is not None:
             ax.axvline(m["value"], color="#c44e52", linewidth=1)
+        fig.tight_layout()
         out[key] = _png_b64(fig)
         plt.close(fig)
     return out
@@ -378,7 +410,8 @@ def frame_strip(frames: np.ndarray, refs: list[Image.Image], boundaries: list[in
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-_CSS = """
+_CSS = (
+    """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px} h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
@@ -387,10 +420,19 @@ th{background:#f4f4f4} .bad{color:#b00} .muted{color:#777;font-size:12px}
 .grid{display:flex;flex-wrap:wrap;gap:8px} .sample{margin:12px 0}
 code{background:#f4f4f4;padding:0 3px}
 """
+    + VIDEO_CSS
+)
 
 
-def to_html(report: dict, strips: dict[str, str] | None = None, hists: dict[str, str] | None = None) -> str:
+def to_html(
+    report: dict,
+    strips: dict[str, str] | None = None,
+    hists: dict[str, str] | None = None,
+    videos: dict[str, str] | None = None,
+) -> str:
+    """The page; `videos`: sample id -> its `<video>` with the switch timeline (`sample_videos`)."""
     e = html.escape
+    videos = videos or {}
     b = report["benchmark"]
     hists = histograms(report) if hists is None else hists
     strips = strips or {}
@@ -428,7 +470,7 @@ def to_html(report: dict, strips: dict[str, str] | None = None, hists: dict[str,
         srows.append(f"<tr><td><a href='#s-{e(s['id'])}'>{e(s['id'])}</a></td>{cells}</tr>")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>Eval {e(report['run_id'])}</title><style>{_CSS}</style></head><body>",
+        f"<title>Eval {e(report['run_id'])}</title><style>{_CSS}</style>{VIDEO_SCRIPT}</head><body>",
         f"<h1>Eval report <code>{e(report['run_id'])}</code> {e(report['label'])}</h1>",
         f"<p>Benchmark <b>{e(b['name'])}</b> (sha256 <code>{e(b['sha256'][:12])}</code>): {b['samples']} samples, "
         f"{b['generated']} generated, {b['failed']} failed.<br>Backend: "
@@ -478,7 +520,8 @@ def to_html(report: dict, strips: dict[str, str] | None = None, hists: dict[str,
         strip = strips.get(s["id"])
         parts.append(
             f"<div class=sample id='s-{e(s['id'])}'><h3>{e(s['id'])}</h3>"
-            + (f"<img alt='frames of {e(s['id'])}' src='data:image/jpeg;base64,{strip}'>" if strip else "")
+            + videos.get(s["id"], "")
+            + (f"<br><img alt='frames of {e(s['id'])}' src='data:image/jpeg;base64,{strip}'>" if strip else "")
             + "<table><tr><th>segment</th><th>garment</th><th>HGC</th><th>LGC</th><th>NTP</th></tr>"
             + segs
             + "</table>"
@@ -511,6 +554,18 @@ def sample_strips(run_dir: Path, report: dict, bench: Benchmark | None, max_samp
     return out
 
 
+def sample_videos(run_dir: Path, report: dict, max_samples: int = 48) -> dict[str, str]:
+    """Each sample's video (up to `max_samples`, inlined) with a marker at each garment switch."""
+    out = {}
+    for s in report["samples"][:max_samples]:
+        video = Path(run_dir) / "samples" / s["id"] / "video.mp4"
+        if s["status"] in ("failed", "pending") or not video.is_file() or not s.get("fps"):
+            continue
+        switches = [Switch(g["start_frame"], g["garment"]) for g in s["segments"][1:]]
+        out[s["id"]] = video_with_switches(f"video-{s['id']}", video, s["frames"], s["fps"], switches)
+    return out
+
+
 def write_reports(
     run_dir: str | Path, bench: Benchmark | None = None, store=None, prefix: str = "eval"
 ) -> dict[str, Any]:
@@ -519,7 +574,7 @@ def write_reports(
     run_dir = Path(run_dir)
     report = build_report(run_dir, bench)
     md = to_markdown(report)
-    page = to_html(report, sample_strips(run_dir, report, bench))
+    page = to_html(report, sample_strips(run_dir, report, bench), videos=sample_videos(run_dir, report))
     if store is not None:
         base = f"{prefix}/runs/{report['run_id']}"
         report["objects"] = {

@@ -184,6 +184,7 @@ def score_sample(video: np.ndarray, sample: BenchSample, info: dict, chunk_frame
     s["garment_accuracy_after"] = float(closer2[sw + chunk_frames :].mean()) if len(video) > sw + chunk_frames else None
     s["relative_switch_latency_frames"] = None if rel_latency is None else float(rel_latency)
     s["motion_detected"] = raw.get("motion_detected")
+    s["garment_delta_e_per_frame"] = {"garment_1": [_finite(x) for x in d1], "garment_2": [_finite(x) for x in d2]}
     if len(video) >= 9 + 12 * (LONG_RUN_CHUNKS - 1):
         d = tm.drift(video[sw:], ref, g2, window=48)
         s["drift_garment_delta_e"] = _finite(d["garment_delta_e_change"])
@@ -228,7 +229,9 @@ def run_bench(
         video, info = run_sample(engine, sample, variant)
         write_mp4(video, out / "clips" / f"{sample.id}.mp4", fps=st.fps)
         scores = score_sample(video, sample, info)
-        rows.append({"id": sample.id, "prompt": sample.prompt, "motion": sample.motion, **info, **scores})
+        rows.append(
+            {"id": sample.id, "prompt": sample.prompt, "motion": sample.motion, "frames": len(video), **info, **scores}
+        )
         sw = info["switch_frame"]
         strips[sample.id] = _frames_strip(video, sw - 6, sw + 14)
     (out / "results.jsonl").write_text("".join(json.dumps(r, default=float) + "\n" for r in rows))
@@ -254,7 +257,7 @@ def run_bench(
     (out / "report.md").write_text(
         format_table(summary, title=f"toy bench: {report['label']} ({engine.checkpoint_id})") + "\n"
     )
-    (out / "report.html").write_text(_html(report, rows, strips, out))
+    (out / "report.html").write_text(_html(report, rows, strips, out, fps=st.fps))
     return report
 
 
@@ -277,11 +280,46 @@ def format_table(summary: dict, title: str = "toy bench") -> str:
     return "\n".join(lines)
 
 
-def _html(report: dict, rows: list[dict], strips: dict[str, str], out: Path) -> str:
+def garment_plot(row: dict) -> str | None:
+    """A base64 PNG: per frame, the top's pattern distance (Delta-E) to garment 1 and to garment 2,
+    the switch as a vertical line; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curves = row.get("garment_delta_e_per_frame") or {}
+    fig, ax = plt.subplots(figsize=(5.2, 2.4))
+    for name, colour in (("garment_1", "#4c72b0"), ("garment_2", "#55a868")):
+        ys = [np.nan if v is None else v for v in curves.get(name, [])]
+        ax.plot(range(len(ys)), ys, color=colour, linewidth=1.4, label=name.replace("_", " "))
+    ax.axvline(row["switch_frame"], color="#c44e52", linewidth=1.2, linestyle="--", label="switch")
+    ax.set_xlabel("frame", fontsize=9)
+    ax.set_ylabel("top pattern \u0394E", fontsize=9)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False, ncol=3)  # above the plot
+    ax.grid(alpha=0.25)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _html(report: dict, rows: list[dict], strips: dict[str, str], out: Path, fps: float = 24.0) -> str:
+    from .html_video import CSS, SCRIPT, Switch, video_with_switches
+
     parts = [
         f"<!doctype html><meta charset=utf-8><title>toy bench {html.escape(report['run_id'])}</title>",
         "<style>body{font:14px sans-serif;margin:2em}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 8px}img{image-rendering:pixelated;height:200px}</style>",
+        "td,th{border:1px solid #ccc;padding:3px 8px}img.strip{image-rendering:pixelated;height:200px}"
+        f".muted{{color:#777}}.row{{display:flex;gap:16px;align-items:flex-start;flex-wrap:wrap}}{CSS}</style>",
+        SCRIPT,
         f"<h1>Toy bench: {html.escape(report['label'])}</h1><p>checkpoint <code>{html.escape(report['checkpoint_id'])}"
         f"</code>, {report['benchmark']['samples']} held-out samples</p><table><tr><th>metric</th><th>value</th></tr>",
     ]
@@ -290,16 +328,23 @@ def _html(report: dict, rows: list[dict], strips: dict[str, str], out: Path) -> 
         parts.append(f"<tr><td>{html.escape(m['title'])}</td><td>{'—' if v is None else f'{v:.3f}'}</td></tr>")
     parts.append("</table>")
     for r in rows:
-        clip = (out / "clips" / f"{r['id']}.mp4").read_bytes()
-        video = base64.b64encode(clip).decode()
+        clip = out / "clips" / f"{r['id']}.mp4"
+        sw = r["switch_frame"]
+        switches = [] if sw is None else [Switch(sw, "garment 2")]
+        plot = garment_plot(r)
         parts.append(
             f"<h2>{html.escape(r['id'])}: {html.escape(r['prompt'])}</h2>"
-            f"<p>switch at chunk {r['switch_chunk']} (frame {r['switch_frame']}); top closer to garment 2 after "
+            f"<p>switch at chunk {r['switch_chunk']} (frame {sw}); top closer to garment 2 after "
             f"{r.get('relative_switch_latency_frames')} frames, a strict match after {r.get('switch_latency_frames')} "
             f"frames; motion detected {html.escape(str(r.get('motion_detected')))}, direction correct: "
-            f"{r.get('motion_direction_accuracy')}</p>"
-            f"<video controls loop muted src='data:video/mp4;base64,{video}' style='height:320px'></video>"
-            f"<p>frames {r['switch_frame'] - 6} .. {r['switch_frame'] + 13} (every 2nd; the switch is the 4th):</p>"
-            f"<img src='data:image/png;base64,{strips[r['id']]}'>"
+            f"{r.get('motion_direction_accuracy')}</p><div class=row>"
+            + video_with_switches(f"clip-{r['id']}", clip, r.get("frames") or 0, fps, switches)
+            + (
+                f"<img alt='garment distance of {html.escape(r['id'])}' src='data:image/png;base64,{plot}'>"
+                if plot
+                else ""
+            )
+            + f"</div><p>frames {sw - 6} .. {sw + 13} (every 2nd; the switch is the 4th):</p>"
+            f"<img class=strip src='data:image/png;base64,{strips[r['id']]}'>"
         )
     return "\n".join(parts) + "\n"

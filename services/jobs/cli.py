@@ -8,8 +8,8 @@
 The manifest format is in services/jobs/README.md (and services/jobs/manifest.py). `submit`
 checks the whole manifest first and reports every problem with its line number; nothing is
 sent unless every line is valid, and the server accepts or rejects the batch as a whole.
-Results go to stdout as JSON; `--from FILE` takes the JSON that `submit` printed. A progress
-bar goes to stderr with --wait. Exit status: 0, 1 when a waited-for job did not succeed, 2 on
+Results go to stdout: a table on a terminal, JSON with --json or when stdout is not a terminal
+(`--from FILE` takes the JSON that `submit` printed). A progress bar goes to stderr with --wait. Exit status: 0, 1 when a waited-for job did not succeed, 2 on
 bad input.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from shared.cli import CliError, print_json
+from shared.cli import CliError, add_json_argument, emit, fmt_bytes, format_table, json_wanted, print_json
 
 FINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _connection_args(submit)
     submit.set_defaults(run=run_submit)
 
-    status = sub.add_parser("status", help="show jobs as JSON lines")
+    status = sub.add_parser("status", help="show jobs (a table; --json: one JSON line per job)")
     status.add_argument("job_ids", nargs="*", metavar="JOB_ID")
     status.add_argument("--from", dest="from_file", help="JSON printed by `batch submit`")
     status.add_argument("--all", action="store_true", help="every job of the tenant, newest first")
@@ -73,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _connection_args(p: argparse.ArgumentParser) -> None:
+    add_json_argument(p)
     p.add_argument("--target", default="localhost:9000", help="Studio gRPC address (default localhost:9000)")
     p.add_argument("--api-key", default=None, help="API key (default: $FASHIONCHAMELEON_API_KEY)")
     p.add_argument("--application", default="fashionchameleon", help="Ray Serve application name")
@@ -147,14 +148,19 @@ def run_submit(args) -> int:
         raise CliError("--out goes with --wait (or use `batch download`)")
     request = build_request(clips)
     if args.dry_run:
-        print_json(
+        emit(
+            args,
             {
                 "manifest": str(path),
                 "clips": len(clips),
                 "shared_images": len(request.shared_images),
                 "request_bytes": request.ByteSize(),
                 "submitted": False,
-            }
+            },
+            lambda r: (
+                f"{r['manifest']} is valid: {r['clips']} clips, {r['shared_images']} distinct images, "
+                f"a {fmt_bytes(r['request_bytes'])} request (dry run: nothing submitted)"
+            ),
         )
         return 0
     lines = [c.line for c in clips]
@@ -168,15 +174,44 @@ def run_submit(args) -> int:
             "jobs": [{"line": line, **job_summary(j)} for line, j in zip(lines, jobs)],
         }
         if not args.wait:
-            print_json(summary)
+            emit(args, summary, describe_submit)
             return 0
         final = _wait(client, [j.job_id for j in jobs], args.timeout)
         summary["jobs"] = [{"line": line, **job_summary(final[j.job_id])} for line, j in zip(lines, jobs)]
         summary["states"] = _count(s["state"] for s in summary["jobs"])
         if args.out:
             summary["downloaded"] = _download(client, [j.job_id for j in jobs], Path(args.out))
-    print_json(summary)
+    emit(args, summary, describe_submit)
     return 0 if all(s["state"] == "SUCCEEDED" for s in summary["jobs"]) else 1
+
+
+JOB_COLUMNS = ("job_id", "id", "state", "attempts", "chunks", "result")
+
+
+def _job_row(job: dict) -> dict:
+    """A `job_summary` as a table row: chunks as done/total, the error or the video as result."""
+    return {
+        **job,
+        "chunks": f"{job['chunks_done']}/{job['chunks_total']}",
+        "result": job.get("error") or job.get("video_key") or "",
+    }
+
+
+def describe_jobs(jobs: list[dict], first: tuple[str, ...] = ()) -> str:
+    return format_table([_job_row(j) for j in jobs], (*first, *JOB_COLUMNS)) if jobs else "  (no jobs)"
+
+
+def describe_submit(summary: dict) -> str:
+    lines = [
+        f"submitted {summary['manifest']}: {summary['clips']} clips "
+        f"({summary['created']} new, {summary['existing']} already submitted)"
+    ]
+    if "states" in summary:
+        lines.append("finished: " + ", ".join(f"{n} {s.lower()}" for s, n in summary["states"].items()))
+    lines.append(describe_jobs(summary["jobs"], first=("line",)))
+    for entry in summary.get("downloaded", []):
+        lines.append(f"  {entry['job_id']}: " + (", ".join(entry["files"]) or f"not downloaded ({entry['state']})"))
+    return "\n".join(lines)
 
 
 def _count(states) -> dict[str, int]:
@@ -187,7 +222,11 @@ def _count(states) -> dict[str, int]:
 
 
 class ProgressBar:
-    """One status line on stderr: redrawn in place on a terminal, else printed on change."""
+    """One status line on stderr: redrawn in place on a terminal, else printed on change.
+
+    The bar and the words say the same thing: `#` fills the finished jobs' share of the bar (the
+    "N/M done" count), `=` the unfinished jobs' chunks already generated, and the percentage is
+    the whole filled length. So "0/2 done" never shows a `#`, however far the running jobs are."""
 
     def __init__(self, total: int, stream=None, width: int = 30) -> None:
         self.total = total
@@ -198,15 +237,21 @@ class ProgressBar:
         self._last = ""
 
     def render(self, states: dict[str, str], chunks: float) -> str:
+        """`states`: job id -> state name of the jobs seen so far; `chunks`: the progress in jobs
+        (a finished job counts 1, an unfinished one its chunks done / chunks total)."""
         counts = _count(states.values())
         done = sum(counts.get(s, 0) for s in FINAL)
-        fill = int(self.width * chunks / max(1, self.total))
+        running = counts.get("RUNNING", 0)
+        total = max(1, self.total)
+        fraction = min(1.0, max(chunks, done) / total)
+        full = self.width * done // total
+        filled = max(full, int(self.width * fraction))
         elapsed = int(time.monotonic() - self.started)
         return (
-            f"[{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total} done "
-            f"({counts.get('SUCCEEDED', 0)} ok, {counts.get('FAILED', 0)} failed, "
-            f"{counts.get('CANCELLED', 0)} cancelled), {counts.get('RUNNING', 0)} running, "
-            f"{counts.get('QUEUED', 0) + counts.get('RETRYING', 0)} waiting  {elapsed // 60}:{elapsed % 60:02d}"
+            f"[{'#' * full}{'=' * (filled - full)}{'.' * (self.width - filled)}] {int(100 * fraction)}%  "
+            f"{done}/{self.total} done ({counts.get('SUCCEEDED', 0)} ok, {counts.get('FAILED', 0)} failed, "
+            f"{counts.get('CANCELLED', 0)} cancelled), {running} running, "
+            f"{max(0, self.total - done - running)} waiting  {elapsed // 60}:{elapsed % 60:02d}"
         )
 
     def update(self, states: dict[str, str], chunks: float) -> None:
@@ -214,8 +259,8 @@ class ProgressBar:
         if line == self._last:
             return
         if self.tty:
-            self.stream.write("\r" + line)
-        elif line.split("  ")[0] != self._last.split("  ")[0]:
+            self.stream.write("\r" + line.ljust(len(self._last)))
+        elif line.rsplit("  ", 1)[0] != self._last.rsplit("  ", 1)[0]:  # the clock alone: no new line
             self.stream.write(line + "\n")
         self.stream.flush()
         self._last = line
@@ -279,8 +324,12 @@ def run_status(args) -> int:
             jobs = _studio_errors(lambda: list(client.iter_jobs(states)))
         else:
             jobs = [_studio_errors(client.get_job, j) for j in ids]
-    for job in jobs:
-        print_json(job_summary(job))
+    summaries = [job_summary(job) for job in jobs]
+    if json_wanted(args):
+        for summary in summaries:
+            print_json(summary)
+    else:
+        print(describe_jobs(summaries))
     return 0
 
 
@@ -333,12 +382,20 @@ def run_download(args) -> int:
     with _client(args) as client:
         files = _download(client, ids, Path(args.out))
     for entry in files:
-        print_json(entry)
+        emit(
+            args,
+            entry,
+            lambda e: f"{e['job_id']}: " + (", ".join(e["files"]) or f"nothing to download ({e['state'].lower()})"),
+        )
     return 0 if all(e["files"] for e in files) else 1
 
 
 def run_cancel(args) -> int:
     with _client(args) as client:
-        for job_id in args.job_ids:
-            print_json(job_summary(_studio_errors(client.cancel_job, job_id)))
+        cancelled = [job_summary(_studio_errors(client.cancel_job, job_id)) for job_id in args.job_ids]
+    if json_wanted(args):
+        for summary in cancelled:
+            print_json(summary)
+    else:
+        print(describe_jobs(cancelled))
     return 0

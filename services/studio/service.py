@@ -34,6 +34,7 @@ from services.common.errors import (
 )
 from services.common.offload import IMAGE_DECODE_WORKERS, BlockingPool
 from services.common.validation import Limits
+from services.generator.routing import EXCLUDE_KEY as EXCLUDE_REPLICAS
 from services.jobs.api import JobsApi
 from services.studio.auth import ApiKeyAuth
 from services.studio.health import StudioHealth
@@ -47,10 +48,18 @@ from services.studio.validation import (
     prompt_options_payload,
     validate_session_id,
 )
+from services.studio.viewer import (
+    ViewerTokens,
+    actions_from_proto,
+    actions_to_proto,
+    player_path,
+    resolve_ttl,
+)
 from services.studio.wire import MalformedRequest, malformed_error
 from shared.config import AppConfig
 from shared.redis_util import connect
 from shared.sessionbus import (
+    TERMINAL_STATES,
     ChunkExpired,
     CommandType,
     ControlCommand,
@@ -114,6 +123,7 @@ class StudioService(StudioHealth):
         )
         self.redis = None
         self.registry: SessionRegistry | None = None
+        self.viewers: ViewerTokens | None = None
         self.metrics = Metrics.create("auto")
         self.health = HealthState("studio")
         self.health.mark_ready()
@@ -124,6 +134,12 @@ class StudioService(StudioHealth):
             self.redis = connect(self.config.redis)
             self.registry = SessionRegistry(self.redis, self.config.redis)
         return self.registry
+
+    def _viewer_tokens(self) -> ViewerTokens:
+        if self.viewers is None:
+            registry = self._registry()
+            self.viewers = ViewerTokens(self.redis, self.config.redis.namespace, self.config.viewer, registry)
+        return self.viewers
 
     def _tenant(self, grpc_context, metadata: list[tuple[str, str]] | None) -> str:
         if metadata is None:
@@ -214,12 +230,13 @@ class StudioService(StudioHealth):
             error_message=(record.reason or "") if record.state in (SessionState.FAILED, SessionState.EXPIRED) else "",
         )
 
-    # ---- HTTP: health probes (Ray Serve routes HTTP on the app's prefix here) ----------
-    async def __call__(self, request):
-        from starlette.responses import JSONResponse
+    # ---- HTTP: probes, the player page and its WebSocket (services/studio/http.py) ------
+    def __serve_build_asgi_app__(self):
+        """Ray Serve's late-bound ASGI ingress (`serve.ingress()` in services/app.py): the
+        app is built on the replica, after __init__, around this instance."""
+        from services.studio.http import build_http_app
 
-        probe = self.health.readiness() if request.url.path.rstrip("/").endswith("readyz") else self.health.liveness()
-        return JSONResponse(probe.body, status_code=probe.status_code)
+        return build_http_app(self)
 
     async def check_health(self) -> None:
         self.health.check_health()
@@ -260,15 +277,17 @@ class StudioService(StudioHealth):
 
     async def CreateSession(self, request, grpc_context=None, metadata=None) -> studio_pb2.Session:
         async def body():
-            tenant = self._tenant(grpc_context, metadata)
-            spec = await self.blocking.run(parse_create_session, request, self.limits, tenant=tenant)  # decodes images
-            registry = self._registry()
-            session_id = await self._idempotent(
-                tenant, spec.request_id, lambda: self._create(tenant, spec, request), _create_fingerprint(spec, request)
-            )
-            return self._session_proto(await registry.get(session_id))
+            return await self._create_session(self._tenant(grpc_context, metadata), request)
 
         return await self._unary(grpc_context, "CreateSession", studio_pb2.Session, body)
+
+    async def _create_session(self, tenant: str, request) -> studio_pb2.Session:
+        spec = await self.blocking.run(parse_create_session, request, self.limits, tenant=tenant)  # decodes images
+        registry = self._registry()
+        session_id = await self._idempotent(
+            tenant, spec.request_id, lambda: self._create(tenant, spec, request), _create_fingerprint(spec, request)
+        )
+        return self._session_proto(await registry.get(session_id))
 
     async def _create(self, tenant: str, spec, request) -> str:
         """Reserve one of the tenant's session slots (atomically: concurrent creates never exceed
@@ -337,8 +356,10 @@ class StudioService(StudioHealth):
                 retry_after_s=lease_s,
             )
         last_error: Exception | None = None
+        refused: list[str] = []  # replicas that were full for this open: the router ranks them last
         for _ in range(self.config.generator.open_attempts):
-            state.session_id = new_session_id()  # a new id hashes to another replica
+            state.session_id = new_session_id()
+            meta[EXCLUDE_REPLICAS] = refused
             call = self.generator.options(session_id=state.session_id).open_session.remote(state, tenant, meta)
             try:
                 opened = await asyncio.wait_for(call, self.config.generator.open_timeout_s)
@@ -361,6 +382,9 @@ class StudioService(StudioHealth):
                 if not isinstance(cause, ResourceExhausted):
                     raise cause from None
                 last_error = cause
+                replica = cause.metadata.get("replica_id") if cause.metadata else None
+                if replica:
+                    refused.append(str(replica))
         else:
             raise last_error
         return opened.session_id
@@ -372,40 +396,8 @@ class StudioService(StudioHealth):
             tenant = self._tenant(grpc_context, metadata)
             session_id, resume = parse_stream_session(request)
             record = await self._session_for(session_id, tenant)
-            registry = self._registry()
-            output = registry.output(session_id)
-            bounds = await output.bounds()
-            if resume > bounds.next_index:  # a chunk that does not exist yet (or ever, once ended)
-                raise OutOfRange(
-                    f"resume_from_index {resume} is past the end of the stream (next index {bounds.next_index})",
-                    reason="RESUME_PAST_END",
-                    metadata={"next_index": bounds.next_index},
-                )
-            first = True
-            index = resume
-            try:
-                async for chunk in output.iterate(resume):
-                    msg = self._chunk_proto(session_id, chunk, record)
-                    if first and not chunk.meta.get("init_included", False):
-                        init = await self.redis.get(f"{self.config.redis.namespace}:session:{{{session_id}}}:init")
-                        if init:
-                            msg.fmp4 = init + msg.fmp4
-                            msg.is_init_segment_included = True
-                    first = False
-                    index = chunk.index + 1
-                    yield msg
-                    await self._client_progress(session_id, chunk.index)
-            except ChunkExpired as e:
-                raise OutOfRange(str(e), reason="CHUNK_NOT_RETAINED", metadata={"oldest": e.oldest}) from None
-            except StreamEnded:
-                pass
-            record = await registry.get(session_id) or record
-            ended = await output.bounds()
-            if ended.end_reason is not None:
-                index = ended.next_index  # the marker's index: the number of chunks generated
-            yield studio_pb2.VideoChunk(
-                session_id=session_id, index=index, end_of_stream=True, end_state=_STATES[record.state]
-            )
+            async for msg in self.stream_chunks(record, resume):
+                yield msg
             self._count("StreamSession", started, None)
         except Exception as exc:
             err = as_service_error(unwrap_remote(exc))
@@ -414,6 +406,48 @@ class StudioService(StudioHealth):
                 raise err from exc
             abort_context(grpc_context, err)
             raise err from exc
+
+    async def stream_chunks(self, record, resume: int) -> AsyncIterator[studio_pb2.VideoChunk]:
+        """The session's chunks from index `resume` on, as StreamSession sends them (the init
+        segment in front of the first one, then each chunk once, in order, then the
+        end-of-stream marker), reporting the reader's progress after each chunk is taken.
+        `record` is the session's record, already authorised. The one read path of the output
+        stream: gRPC's StreamSession and the browser WebSocket (services/studio/http.py) share it."""
+        session_id = record.session_id
+        registry = self._registry()
+        output = registry.output(session_id)
+        bounds = await output.bounds()
+        if resume > bounds.next_index:  # a chunk that does not exist yet (or ever, once ended)
+            raise OutOfRange(
+                f"resume_from_index {resume} is past the end of the stream (next index {bounds.next_index})",
+                reason="RESUME_PAST_END",
+                metadata={"next_index": bounds.next_index},
+            )
+        first = True
+        index = resume
+        try:
+            async for chunk in output.iterate(resume):
+                msg = self._chunk_proto(session_id, chunk, record)
+                if first and not chunk.meta.get("init_included", False):
+                    init = await self.redis.get(f"{self.config.redis.namespace}:session:{{{session_id}}}:init")
+                    if init:
+                        msg.fmp4 = init + msg.fmp4
+                        msg.is_init_segment_included = True
+                first = False
+                index = chunk.index + 1
+                yield msg
+                await self._client_progress(session_id, chunk.index)
+        except ChunkExpired as e:
+            raise OutOfRange(str(e), reason="CHUNK_NOT_RETAINED", metadata={"oldest": e.oldest}) from None
+        except StreamEnded:
+            pass
+        record = await registry.get(session_id) or record
+        ended = await output.bounds()
+        if ended.end_reason is not None:
+            index = ended.next_index  # the marker's index: the number of chunks generated
+        yield studio_pb2.VideoChunk(
+            session_id=session_id, index=index, end_of_stream=True, end_state=_STATES[record.state]
+        )
 
     def _chunk_proto(self, session_id: str, chunk, record=None) -> studio_pb2.VideoChunk:
         m = chunk.meta
@@ -489,49 +523,55 @@ class StudioService(StudioHealth):
 
     async def SwitchGarment(self, request, grpc_context=None, metadata=None) -> studio_pb2.SwitchGarmentResponse:
         async def body():
-            tenant = self._tenant(grpc_context, metadata)
-            spec = await self.blocking.run(parse_switch_garment, request, self.limits, tenant=tenant)  # decodes
-            await self._session_for(spec.session_id, tenant)
-            key, garment_id = await self._object_key(spec.garment, tenant)
-            await self._encode_image(key, encoder_pb2.IMAGE_KIND_GARMENT)  # validates now, warms the cache
-            sw = spec.options  # only what the caller set; the session's defaults fill the rest
-            options = {
-                name: value
-                for name, value in (("refresh", sw.refresh), ("withdraw", sw.withdraw), ("disentangle", sw.disentangle))
-                if value is not None
-            }
-            payload = {"garment_key": key, "garment_id": garment_id, "options": options}
-            effective, _ = await self._send_command(  # the generator records the applied garment
-                spec.session_id,
-                ControlCommand(type=CommandType.SWITCH_GARMENT, payload=payload),
-                request_id=spec.request_id,
-                fingerprint=_digest(payload),
-            )
-            return studio_pb2.SwitchGarmentResponse(effective_chunk_index=effective, garment_id=garment_id)
+            return await self.switch_garment(self._tenant(grpc_context, metadata), request)
 
         return await self._unary(grpc_context, "SwitchGarment", studio_pb2.SwitchGarmentResponse, body)
 
+    async def switch_garment(self, tenant: str, request) -> studio_pb2.SwitchGarmentResponse:
+        """SwitchGarment for an already authenticated `tenant` (gRPC and the browser WebSocket)."""
+        spec = await self.blocking.run(parse_switch_garment, request, self.limits, tenant=tenant)  # decodes
+        await self._session_for(spec.session_id, tenant)
+        key, garment_id = await self._object_key(spec.garment, tenant)
+        await self._encode_image(key, encoder_pb2.IMAGE_KIND_GARMENT)  # validates now, warms the cache
+        sw = spec.options  # only what the caller set; the session's defaults fill the rest
+        options = {
+            name: value
+            for name, value in (("refresh", sw.refresh), ("withdraw", sw.withdraw), ("disentangle", sw.disentangle))
+            if value is not None
+        }
+        payload = {"garment_key": key, "garment_id": garment_id, "options": options}
+        effective, _ = await self._send_command(  # the generator records the applied garment
+            spec.session_id,
+            ControlCommand(type=CommandType.SWITCH_GARMENT, payload=payload),
+            request_id=spec.request_id,
+            fingerprint=_digest(payload),
+        )
+        return studio_pb2.SwitchGarmentResponse(effective_chunk_index=effective, garment_id=garment_id)
+
     async def UpdatePrompt(self, request, grpc_context=None, metadata=None) -> studio_pb2.UpdatePromptResponse:
         async def body():
-            tenant = self._tenant(grpc_context, metadata)
-            session_id, prompt = parse_update_prompt(request, self.limits)
-            await self._session_for(session_id, tenant)
-            await self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=prompt))  # validate, warm
-            # The revision is assigned and the command published in one step (revision order is
-            # stream order); the generator records the applied prompt and revision.
-            payload = {"prompt": prompt}
-            if options := prompt_options_payload(request.options):  # what the update re-caches
-                payload["options"] = options
-            effective, revision = await self._send_command(
-                session_id,
-                ControlCommand(type=CommandType.UPDATE_PROMPT, payload=payload),
-                request_id=parse_request_id(request.request_id, self.limits),
-                fingerprint=_digest(payload),
-                assign_revision=True,
-            )
-            return studio_pb2.UpdatePromptResponse(effective_chunk_index=effective, prompt_revision=revision)
+            return await self.update_prompt(self._tenant(grpc_context, metadata), request)
 
         return await self._unary(grpc_context, "UpdatePrompt", studio_pb2.UpdatePromptResponse, body)
+
+    async def update_prompt(self, tenant: str, request) -> studio_pb2.UpdatePromptResponse:
+        """UpdatePrompt for an already authenticated `tenant` (gRPC and the browser WebSocket)."""
+        session_id, prompt = parse_update_prompt(request, self.limits)
+        await self._session_for(session_id, tenant)
+        await self.encoder.EncodePrompt.remote(encoder_pb2.EncodePromptRequest(prompt=prompt))  # validate, warm
+        # The revision is assigned and the command published in one step (revision order is
+        # stream order); the generator records the applied prompt and revision.
+        payload = {"prompt": prompt}
+        if options := prompt_options_payload(request.options):  # what the update re-caches
+            payload["options"] = options
+        effective, revision = await self._send_command(
+            session_id,
+            ControlCommand(type=CommandType.UPDATE_PROMPT, payload=payload),
+            request_id=parse_request_id(request.request_id, self.limits),
+            fingerprint=_digest(payload),
+            assign_revision=True,
+        )
+        return studio_pb2.UpdatePromptResponse(effective_chunk_index=effective, prompt_revision=revision)
 
     # ---- CloseSession / GetSession -------------------------------------------------------
     async def CloseSession(self, request, grpc_context=None, metadata=None) -> studio_pb2.CloseSessionResponse:
@@ -539,6 +579,7 @@ class StudioService(StudioHealth):
             tenant = self._tenant(grpc_context, metadata)
             await self._session_for(request.session_id, tenant)
             record = await self._registry().close(request.session_id, reason="closed")
+            await self._viewer_tokens().revoke_session(request.session_id)  # its viewer tokens die with it
             return studio_pb2.CloseSessionResponse(
                 state=_STATES[record.state], chunks_generated=int(record.meta.get("chunks", 0))
             )
@@ -551,6 +592,31 @@ class StudioService(StudioHealth):
             return self._session_proto(await self._session_for(request.session_id, tenant))
 
         return await self._unary(grpc_context, "GetSession", studio_pb2.Session, body)
+
+    # ---- CreateViewerToken ---------------------------------------------------------------
+    async def CreateViewerToken(
+        self, request, grpc_context=None, metadata=None
+    ) -> studio_pb2.CreateViewerTokenResponse:
+        async def body():
+            tenant = self._tenant(grpc_context, metadata)
+            ttl_s = resolve_ttl(request.ttl_seconds, self.config.viewer)
+            actions = actions_from_proto(request.actions)
+            record = await self._session_for(request.session_id, tenant)
+            if record.state in TERMINAL_STATES:
+                raise FailedPrecondition(
+                    f"session {record.session_id} has ended ({record.state.value})",
+                    reason="SESSION_NOT_ACTIVE",
+                    metadata={"session_id": record.session_id},
+                )
+            token, grant = await self._viewer_tokens().mint(tenant, record.session_id, actions, ttl_s)
+            return studio_pb2.CreateViewerTokenResponse(
+                token=token,
+                expires_at=_ts(grant.expires_at),
+                actions=actions_to_proto(grant.actions),
+                player_path=player_path(record.session_id, token),
+            )
+
+        return await self._unary(grpc_context, "CreateViewerToken", studio_pb2.CreateViewerTokenResponse, body)
 
     # ---- batch clip jobs: the composed JobsApi -----------------------------------------
     async def SubmitClips(self, request, grpc_context=None, metadata=None) -> studio_pb2.SubmitClipsResponse:

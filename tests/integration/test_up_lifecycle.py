@@ -1,6 +1,7 @@
 """`fashionchameleon up` stops cleanly (issue item 13): within 10 s of SIGINT or SIGTERM, and
 nothing it started (redis-server, Ray's gcs_server, raylet, dashboard, agents, workers) outlives
-it, not even when it is killed with SIGKILL.
+it, not even when it is killed with SIGKILL. Its status line's `player` URL serves the player page,
+and the dev launch token in it opens a session.
 
 Real processes: the console command in a subprocess of its own session, the tiny preset, its
 own redis-server and local Ray. The process tree below `up` is read from /proc (pid and start
@@ -16,7 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -163,3 +166,21 @@ def test_killed_up_leaves_nothing_behind(up):
     took, left = up.wait_gone(GONE_LIMIT_S)
     print(f"SIGKILL: {len(up.seen)} descendants gone after {took:.2f} s")
     assert not left, f"left running {GONE_LIMIT_S:.0f} s after `up` was killed: {left}"
+
+
+def test_up_prints_a_player_url_whose_launch_token_opens_a_session(up):
+    player = up.status["player"]
+    assert player.startswith(up.status["http"] + "/player?launch=fcl_")
+    with urllib.request.urlopen(player, timeout=60) as resp:
+        assert resp.status == 200 and "MediaSource" in resp.read().decode()
+    launch = parse_qs(urlsplit(player).query)["launch"][0]
+    request = urllib.request.Request(
+        up.status["http"] + "/v1/player/sessions",
+        data=json.dumps({"launch_token": launch}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        opened = json.loads(resp.read())
+    assert opened["session_id"].startswith("ses_") and opened["token"].startswith("fcv_")
+    assert opened["actions"] == ["watch", "switch_garment", "update_prompt"]
+    assert opened["player_path"] == f"/player?session={opened['session_id']}&token={opened['token']}"

@@ -3,6 +3,8 @@ failures recorded and retried on resume, reports built from the per-sample files
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import threading
 import time
 from pathlib import Path
@@ -14,7 +16,7 @@ from PIL import Image
 from services.eval.backends import GenerationRecord
 from services.eval.bench import ChunkPlan, load_benchmark
 from services.eval.config import EvalConfig, MetricsConfig, RunnerConfig
-from services.eval.report import build_report, to_markdown
+from services.eval.report import build_report, to_markdown, write_reports
 from services.eval.runner import Runner
 from services.eval.scoring import Scorer
 from shared.media.video import write_mp4
@@ -144,3 +146,51 @@ def test_changed_metric_settings_rescore_without_regenerating(bench, tmp_path):
     report = build_report(tmp_path / "run")  # without the manifest: samples found on disk
     assert [s["id"] for s in report["samples"]] == ["s0", "s1"]
     assert "visual_quality_weightfree" not in report["metrics"]
+
+
+SWITCH_MARKER = re.compile(r"<button class=marker data-time='([\d.]+)' data-frame='(\d+)' style='left:([\d.]+)%'")
+
+
+def test_html_report_embeds_each_video_with_a_marker_at_each_switch(bench, tmp_path):
+    """Sample `sw` switches before chunk 2: its first new-garment frame is 9 + 12 = 21 of 33, at 24 fps."""
+    c = cfg()
+    Runner(bench, FakeBackend(), Scorer(c.metrics, c.judge), c, tmp_path / "run", show_progress=False).run()
+    write_reports(tmp_path / "run", bench)
+    page = (tmp_path / "run" / "report.html").read_text()
+    sections = {
+        m.group(1): m.group(2) for m in re.finditer(r"<div class=sample id='s-(\w+)'>(.*?)</div>\n", page, re.S)
+    }
+    assert set(sections) == {"s0", "s1", "s2", "s3", "sw"}
+    for sid, body in sections.items():
+        assert body.count("<video id='video-") == 1 and "data:video/mp4;base64," in body, sid
+        markers = SWITCH_MARKER.findall(body)
+        if sid != "sw":
+            assert markers == [] and "no garment switch" in body
+            continue
+        frame = ChunkPlan().first_frame_of(2)
+        assert frame == 21
+        ((time_s, marker_frame, left),) = markers
+        assert int(marker_frame) == frame
+        assert float(time_s) == pytest.approx(frame / 24, abs=1e-3)  # 0.875 s
+        assert float(left) == pytest.approx(100 * frame / 33, abs=0.01)  # along a bar as long as the video
+        assert f"fcSeek('video-sw', {float(time_s):.3f})" in body  # click to seek there
+        assert "data-duration='1.375'" in body  # 33 frames at 24 fps
+    assert page.count("function fcSeek") == 1
+
+
+def test_toy_bench_html_marks_the_switch_and_plots_the_garment_distance(tmp_path):
+    from services.eval.toybench import _html
+
+    (tmp_path / "clips").mkdir()
+    write_mp4(np.zeros((45, 32, 16, 3), np.uint8), tmp_path / "clips" / "toy-0.mp4", fps=24)
+    row = {
+        "id": "toy-0", "prompt": "The person waves.", "frames": 45, "switch_chunk": 2, "switch_frame": 21,
+        "garment_delta_e_per_frame": {"garment_1": [10.0] * 21 + [40.0] * 24, "garment_2": [50.0] * 21 + [12.0] * 24},
+    }  # fmt: skip
+    report = {"run_id": "r", "label": "default", "checkpoint_id": "toy", "benchmark": {"samples": 1}, "metrics": {}}
+    page = _html(report, [row], {"toy-0": ""}, tmp_path, fps=24)
+    ((time_s, frame, left),) = SWITCH_MARKER.findall(page)
+    assert (float(time_s), int(frame), float(left)) == (0.875, 21, pytest.approx(100 * 21 / 45, abs=0.01))
+    assert "fcSeek('clip-toy-0', 0.875)" in page
+    if importlib.util.find_spec("matplotlib"):
+        assert "alt='garment distance of toy-0' src='data:image/png;base64," in page

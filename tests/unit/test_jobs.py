@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -287,7 +288,90 @@ def test_progress_bar_counts_states():
     stream = io.StringIO()
     bar = batch.ProgressBar(4, stream=stream, width=8)
     bar.update({"a": "SUCCEEDED", "b": "FAILED", "c": "RUNNING", "d": "QUEUED"}, 2.5)
-    assert "[#####...] 2/4 done (1 ok, 1 failed, 0 cancelled), 1 running, 1 waiting" in stream.getvalue()
+    assert "[####=...] 62%  2/4 done (1 ok, 1 failed, 0 cancelled), 1 running, 1 waiting" in stream.getvalue()
+
+
+BAR = re.compile(
+    r"\[(#*)(=*)(\.*)\] (\d+)%  (\d+)/(\d+) done \((\d+) ok, (\d+) failed, (\d+) cancelled\), (\d+) running, (\d+) waiting"
+)
+
+
+def _check_bar_agrees(line: str, width: int, states: dict[str, str], total: int) -> tuple[int, int, int]:
+    """The bar's parts against its words: `#` is exactly the done share, the filled length the
+    percentage, the counts add up to the jobs. Returns (#, filled, percent)."""
+    m = BAR.search(line)
+    assert m, line
+    full, partial, empty = (len(g) for g in m.groups()[:3])
+    pct, done, shown_total, ok, failed, cancelled, running, waiting = (int(g) for g in m.groups()[3:])
+    assert full + partial + empty == width
+    finished = sum(s in batch.FINAL for s in states.values())
+    assert (done, shown_total) == (finished, total)
+    assert ok + failed + cancelled == done and done + running + waiting == total
+    assert full == width * done // total  # the solid part says "done/total", nothing more
+    assert abs((full + partial) / width - pct / 100) < 1 / width + 0.01  # the filled part says the percentage
+    return full, full + partial, pct
+
+
+@pytest.mark.parametrize(
+    "states, chunks, total",
+    [
+        ({}, 0.0, 2),  # nothing seen yet
+        ({"a": "RUNNING", "b": "RUNNING"}, 1.0, 2),  # the issue's case: half the chunks, no job done
+        ({"a": "RUNNING", "b": "RUNNING"}, 1.98, 2),
+        ({"a": "SUCCEEDED", "b": "RUNNING"}, 1.0, 2),
+        ({"a": "SUCCEEDED", "b": "RUNNING", "c": "QUEUED"}, 1.5, 7),  # jobs not reported yet wait
+        ({"a": "FAILED", "b": "CANCELLED", "c": "SUCCEEDED"}, 3.0, 3),
+        ({f"j{i}": "SUCCEEDED" for i in range(50)}, 50.0, 50),
+    ],
+)
+def test_progress_bar_fill_agrees_with_its_count(states, chunks, total):
+    """Issue 16: the bar was half full while saying "0/2 done"."""
+    bar = batch.ProgressBar(total, stream=io.StringIO(), width=30)
+    full, filled, pct = _check_bar_agrees(bar.render(states, chunks), 30, states, total)
+    if chunks >= total:
+        assert (full, filled, pct) == (30, 30, 100)
+    if not any(s in batch.FINAL for s in states.values()):
+        assert full == 0
+
+
+def test_batch_wait_draws_the_bar_from_the_job_events(monkeypatch):
+    """`_wait` turns each job event into the bar's states and chunk progress: every line drawn
+    agrees with itself and the last one shows every job done."""
+
+    def job(job_id: str, state: int, done: int) -> studio_pb2.Job:
+        return studio_pb2.Job(job_id=job_id, state=state, chunks_done=done, chunks_total=4)
+
+    events = [
+        job("a", studio_pb2.Job.RUNNING, 2),
+        job("b", studio_pb2.Job.RUNNING, 4),  # all chunks generated, the clip not yet saved
+        job("a", studio_pb2.Job.RUNNING, 4),
+        job("a", studio_pb2.Job.SUCCEEDED, 4),
+        job("b", studio_pb2.Job.FAILED, 4),
+    ]
+    latest: dict[str, studio_pb2.Job] = {}
+
+    class Client:
+        def watch_jobs(self, job_ids, timeout_s=None):
+            for e in events:
+                latest[e.job_id] = e
+                yield studio_pb2.JobEvent(job=e)
+
+        def get_job(self, job_id):
+            return latest[job_id]
+
+    stream = io.StringIO()
+    real = batch.ProgressBar
+    monkeypatch.setattr(batch, "ProgressBar", lambda total: real(total, stream=stream, width=20))
+    final = batch._wait(Client(), ["a", "b"], None)
+    assert len(stream.getvalue().splitlines()) == len(events)  # one line per change (not a terminal)
+    lines = stream.getvalue().splitlines()
+    seen: dict[str, str] = {}
+    for line, event in zip(lines, events):
+        seen[event.job_id] = studio_pb2.Job.State.Name(event.state)
+        _check_bar_agrees(line, 20, seen, 2)
+    assert "0/2 done" in lines[1] and "[=" in lines[1]  # 6 of 8 chunks, still nothing done
+    assert lines[-1].startswith("[" + "#" * 20 + "] 100%  2/2 done (1 ok, 1 failed")
+    assert {j: studio_pb2.Job.State.Name(x.state) for j, x in final.items()} == {"a": "SUCCEEDED", "b": "FAILED"}
 
 
 # ---- autoscaling ----------------------------------------------------------------------------

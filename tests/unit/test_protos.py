@@ -148,6 +148,7 @@ def test_studio_rpcs_and_streaming() -> None:
         "ListJobs": (False, False),
         "CancelJob": (False, False),
         "WatchJobs": (False, True),
+        "CreateViewerToken": (False, False),
     }
     methods = service.methods_by_name
     assert methods["CreateSession"].output_type.name == "Session"

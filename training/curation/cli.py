@@ -12,8 +12,9 @@
 object-store URL or path (see `shared.storage.StorageConfig.from_url`). `--config` is a
 CurationConfig JSON (training/curation/config.py; may omit input/output); flags override it.
 Re-running the same command resumes (finished work is read back from the output's _state/).
-`run` prints the report's counts as one JSON object; `--export DIR` also writes the plain
-folder the training preprocessing reads. Secrets (VLM / edit API keys, S3 credentials) are
+`run` prints the report's counts (a summary on a terminal; one JSON object with --json or when
+stdout is not a terminal); `--export DIR` also writes the plain folder the training
+preprocessing reads. Secrets (VLM / edit API keys, S3 credentials) are
 read from environment variables named by flags, never given on the command line.
 """
 
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shared.cli import CliError, Parser, print_json
+from shared.cli import CliError, Parser, add_json_argument, emit, fmt_seconds, fmt_value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,11 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--export", metavar="DIR", help="also write the plain folder for `train preprocess`")
     run.add_argument("--fail-fast", action="store_true", help="raise on the first unexpected stage error")
     run.add_argument("--dry-run", action="store_true", help="print the resolved config and the video count only")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json_argument(run)
     run.set_defaults(run=run_run)
 
     export = sub.add_parser("export", help="copy a finished run's manifest and samples into a plain folder")
     _add_output(export)
     export.add_argument("--to", required=True, metavar="DIR")
+    add_json_argument(export)
     export.set_defaults(run=run_export)
 
 
@@ -154,20 +158,38 @@ def run_run(args: argparse.Namespace) -> int:
 
     cfg = build_config(args)
     if args.dry_run:
-        print_json({"config": json.loads(cfg.model_dump_json()), "videos": len(list_videos(cfg))})
+        emit(
+            args,
+            {"config": json.loads(cfg.model_dump_json()), "videos": len(list_videos(cfg))},
+            lambda r: f"dry run: {r['videos']} videos would be curated (`--json` prints the resolved config)",
+        )
         return 0
     try:
         check_ready(cfg)
     except ValueError as e:
         raise CliError(str(e)) from None
-    result = run(cfg, ray_address=args.ray_address, fail_fast=args.fail_fast)
+    result = run(cfg, ray_address=args.ray_address, fail_fast=args.fail_fast, progress=not args.no_progress)
     summary = {k: result.report[k] for k in ("videos", "clips", "kept", "dropped_by_reason", "notes")}
     summary["seconds"] = round(result.seconds, 1)
     summary["manifest"] = result.manifest_key
     if args.export:
         summary["export"] = str(export_folder(cfg, args.export))
-    print_json(summary)
+    emit(args, summary, describe_run)
     return 0
+
+
+def describe_run(r: dict) -> str:
+    dropped = r["dropped_by_reason"]
+    lines = [
+        f"curated {r['videos']} videos into {r['clips']} clips in {fmt_seconds(r['seconds'])}: {r['kept']} kept, "
+        f"{sum(dropped.values())} dropped",
+        *(f"  dropped for {reason}: {n}" for reason, n in sorted(dropped.items(), key=lambda x: -x[1])),
+        f"  manifest  {r['manifest']}",
+    ]
+    if "export" in r:
+        lines.append(f"  exported  {r['export']}")
+    lines += [f"  note      {name}: {fmt_value(n)}" for name, n in r["notes"].items()]
+    return "\n".join(lines)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -179,5 +201,9 @@ def run_export(args: argparse.Namespace) -> int:
         manifest = export_folder(cfg, args.to)
     except ObjectNotFound as e:
         raise CliError(f"no finished run there ({e})") from None
-    print_json({"manifest": str(manifest), "samples": sum(1 for _ in manifest.open())})
+    emit(
+        args,
+        {"manifest": str(manifest), "samples": sum(1 for _ in manifest.open())},
+        lambda r: f"exported {r['samples']} samples: {r['manifest']}",
+    )
     return 0

@@ -28,7 +28,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,8 +137,13 @@ def check_ready(cfg: CurationConfig) -> None:
         raise ValueError(f"curation needs endpoints for: {', '.join(missing)} (base_url/model)")
 
 
-def run(cfg: CurationConfig, *, ray_address: str | None = None, fail_fast: bool = False) -> RunResult:
-    """Curate every video under the input prefix; writes manifest.jsonl and report/ at the end."""
+def run(
+    cfg: CurationConfig, *, ray_address: str | None = None, fail_fast: bool = False, progress: bool = False
+) -> RunResult:
+    """Curate every video under the input prefix; writes manifest.jsonl and report/ at the end.
+
+    `progress`: one bar on stderr counting the finished sub-clips (kept / dropped), in place of
+    Ray Data's per-operator bars (a video's number of sub-clips is known only once it is cut)."""
     import ray
 
     check_ready(cfg)
@@ -147,7 +152,13 @@ def run(cfg: CurationConfig, *, ray_address: str | None = None, fail_fast: bool 
         ray.init(address=ray_address, log_to_driver=False)
     keys = list_videos(cfg)
     ds = build_dataset(cfg, keys, fail_fast)
-    records = sorted((from_row(r) for r in ds.iter_rows()), key=lambda r: r.clip_id)
+    finished = (from_row(r) for r in ds.iter_rows())
+    if progress:
+        import ray.data
+
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        finished = _counted(finished, len(keys))
+    records = sorted(finished, key=lambda r: r.clip_id)
     ctx = stages.Context.get(cfg)
     kept = [r for r in records if r.status == "kept"]
     manifest = "".join(stages.manifest_line(r) + "\n" for r in kept)
@@ -155,6 +166,19 @@ def run(cfg: CurationConfig, *, ray_address: str | None = None, fail_fast: bool 
     report = write_report(ctx, records, videos=len(keys))
     ctx.store.put_bytes(manifest_key, manifest.encode(), content_type="application/x-ndjson")  # last: marks done
     return RunResult(records, report, manifest_key, time.monotonic() - t0)
+
+
+def _counted(records: Iterator[ClipRecord], videos: int) -> Iterator[ClipRecord]:
+    """`records` as they finish, counted on stderr: `curate: N clip [..., k kept, d dropped, from V videos]`."""
+    from tqdm import tqdm
+
+    kept = 0
+    with tqdm(desc="curate", unit="clip", dynamic_ncols=True) as bar:
+        for i, rec in enumerate(records, start=1):
+            kept += rec.status == "kept"
+            bar.set_postfix_str(f"{kept} kept, {i - kept} dropped, from {videos} videos", refresh=False)
+            bar.update(1)
+            yield rec
 
 
 def export_folder(cfg: CurationConfig, local_dir: str | Path) -> Path:

@@ -33,6 +33,8 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_REQUEST_MALFORMED: _ClassVar[ErrorReason]
     ERROR_REASON_RESUME_PAST_END: _ClassVar[ErrorReason]
     ERROR_REASON_GENERATOR_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_VIEWER_TOKEN_INVALID: _ClassVar[ErrorReason]
+    ERROR_REASON_VIEWER_ACTION_DENIED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_SESSION_NOT_FOUND: ErrorReason
 ERROR_REASON_SESSION_NOT_ACTIVE: ErrorReason
@@ -57,6 +59,8 @@ ERROR_REASON_FIELD_INVALID: ErrorReason
 ERROR_REASON_REQUEST_MALFORMED: ErrorReason
 ERROR_REASON_RESUME_PAST_END: ErrorReason
 ERROR_REASON_GENERATOR_UNAVAILABLE: ErrorReason
+ERROR_REASON_VIEWER_TOKEN_INVALID: ErrorReason
+ERROR_REASON_VIEWER_ACTION_DENIED: ErrorReason
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "catalog_id", "object_key", "content_type")

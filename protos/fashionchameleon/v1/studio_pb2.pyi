@@ -11,6 +11,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ViewerAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VIEWER_ACTION_UNSPECIFIED: _ClassVar[ViewerAction]
+    VIEWER_ACTION_WATCH: _ClassVar[ViewerAction]
+    VIEWER_ACTION_SWITCH_GARMENT: _ClassVar[ViewerAction]
+    VIEWER_ACTION_UPDATE_PROMPT: _ClassVar[ViewerAction]
+VIEWER_ACTION_UNSPECIFIED: ViewerAction
+VIEWER_ACTION_WATCH: ViewerAction
+VIEWER_ACTION_SWITCH_GARMENT: ViewerAction
+VIEWER_ACTION_UPDATE_PROMPT: ViewerAction
+
 class Session(_message.Message):
     __slots__ = ("session_id", "tenant", "state", "created_at", "expires_at", "idle_timeout_seconds", "chunks_generated", "garment_id", "width", "height", "fps", "preset", "seed", "prompt", "prompt_revision", "options", "frames_generated", "error_message")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -386,3 +397,25 @@ class JobEvent(_message.Message):
     job: Job
     event_id: str
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., event_id: _Optional[str] = ...) -> None: ...
+
+class CreateViewerTokenRequest(_message.Message):
+    __slots__ = ("session_id", "actions", "ttl_seconds")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    actions: _containers.RepeatedScalarFieldContainer[ViewerAction]
+    ttl_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., actions: _Optional[_Iterable[_Union[ViewerAction, str]]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CreateViewerTokenResponse(_message.Message):
+    __slots__ = ("token", "expires_at", "actions", "player_path")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    PLAYER_PATH_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    expires_at: _timestamp_pb2.Timestamp
+    actions: _containers.RepeatedScalarFieldContainer[ViewerAction]
+    player_path: str
+    def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., actions: _Optional[_Iterable[_Union[ViewerAction, str]]] = ..., player_path: _Optional[str] = ...) -> None: ...

@@ -90,6 +90,11 @@ class StudioStub:
                 request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.WatchJobsRequest.SerializeToString,
                 response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.CreateViewerToken = channel.unary_unary(
+                '/fashionchameleon.v1.Studio/CreateViewerToken',
+                request_serializer=fashionchameleon_dot_v1_dot_studio__pb2.CreateViewerTokenRequest.SerializeToString,
+                response_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.CreateViewerTokenResponse.FromString,
+                _registered_method=True)
 
 
 class StudioServicer:
@@ -191,6 +196,26 @@ class StudioServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateViewerToken(self, request, context):
+        """Mints a viewer token: a bearer secret a storefront backend hands to a browser so that it can
+        watch ONE session of the caller's tenant over the Studio's HTTP port (the WebSocket
+        /v1/sessions/{session_id}/ws and the player page /player, see services/studio/http.py) and,
+        if the token allows it, switch the garment or update the prompt, without ever seeing the
+        API key. A token works for that session only (any other session refuses it as if it were
+        unknown) and stops working when it expires or when the session ends: CloseSession revokes
+        every token of the session at once, and a session that expired or failed refuses them too.
+        Tokens are kept server-side (only their SHA-256 digest, in Redis), so every Studio replica
+        honours and revokes them alike. Each call mints a new token; earlier ones stay valid.
+        Errors: NOT_FOUND (unknown session, or another tenant's), FAILED_PRECONDITION /
+        SESSION_NOT_ACTIVE (the session already ended), INVALID_ARGUMENT / FIELD_INVALID (ttl or
+        actions out of range). Using a token: UNAUTHENTICATED / VIEWER_TOKEN_INVALID when it is not
+        valid for the session, PERMISSION_DENIED / VIEWER_ACTION_DENIED when it does not allow the
+        action.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StudioServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +273,11 @@ def add_StudioServicer_to_server(servicer, server):
                     servicer.WatchJobs,
                     request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.WatchJobsRequest.FromString,
                     response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.JobEvent.SerializeToString,
+            ),
+            'CreateViewerToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateViewerToken,
+                    request_deserializer=fashionchameleon_dot_v1_dot_studio__pb2.CreateViewerTokenRequest.FromString,
+                    response_serializer=fashionchameleon_dot_v1_dot_studio__pb2.CreateViewerTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -548,6 +578,33 @@ class Studio:
             '/fashionchameleon.v1.Studio/WatchJobs',
             fashionchameleon_dot_v1_dot_studio__pb2.WatchJobsRequest.SerializeToString,
             fashionchameleon_dot_v1_dot_studio__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateViewerToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashionchameleon.v1.Studio/CreateViewerToken',
+            fashionchameleon_dot_v1_dot_studio__pb2.CreateViewerTokenRequest.SerializeToString,
+            fashionchameleon_dot_v1_dot_studio__pb2.CreateViewerTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
