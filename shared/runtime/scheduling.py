@@ -38,10 +38,14 @@ class Admission:
 class StepTimes:
     """Measured seconds of one batched step, per batch size (thread-safe)."""
 
-    def __init__(self, smoothing: float = 0.2, initial: dict[int, float] | None = None):
+    def __init__(self, smoothing: float = 0.2, initial: dict[int, float] | None = None, min_gain: float = 0.02):
+        """`min_gain`: a larger batch is chosen only if it is at least this much cheaper per
+        session than the best smaller one (measurement noise never tips a compute-bound
+        replica into batches that cost more than they save)."""
         if not 0 < smoothing <= 1:
             raise ValueError("smoothing must lie in (0, 1]")
         self.smoothing = smoothing
+        self.min_gain = min_gain
         self._seconds: dict[int, float] = {}
         self._lock = threading.Lock()
         for size, seconds in (initial or {}).items():
@@ -86,13 +90,17 @@ class StepTimes:
 
     def best_size(self, limit: int) -> int:
         """Among the measured batch sizes up to `limit` (1 when none is), the one with the most
-        sessions per second (ties: the smaller). Unmeasured sizes are never chosen."""
+        sessions per second; a larger size wins only by `min_gain` per session. Unmeasured sizes
+        are never chosen."""
         if limit < 1:
             raise ValueError("limit must be >= 1")
-        candidates = [s for s in self.table() if s <= limit]
-        if not candidates:
-            return 1
-        return min(candidates, key=lambda s: (self.seconds(s) / s, s))
+        table = self.table()
+        best, best_cost = 1, table.get(1, math.inf)
+        for size in sorted(s for s in table if 1 < s <= limit):
+            cost = table[size] / size
+            if best_cost == math.inf or cost < best_cost * (1.0 - self.min_gain):
+                best, best_cost = size, cost
+        return best
 
     def plan(self, n: int, max_batch: int | None = None) -> list[int]:
         """Batch sizes (largest first) that step `n` due sessions soonest."""

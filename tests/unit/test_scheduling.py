@@ -49,6 +49,9 @@ def test_plan_picks_the_fastest_measured_batch_and_never_a_slower_one():
     # unmeasured sizes are never chosen, even if interpolation would make them look good
     assert StepTimes(initial={1: 0.1, 8: 0.2}).plan(5) == [1] * 5
     assert StepTimes().plan(3) == [1, 1, 1]  # nothing measured: one at a time
+    # a batch within noise of its members' cost is not worth it (min_gain 2% per session)
+    assert StepTimes(initial={1: 0.1, 2: 0.199}).plan(2) == [1, 1]
+    assert StepTimes(initial={1: 0.1, 2: 0.19}).plan(2) == [2]
     assert pays.plan(0) == []
 
 
