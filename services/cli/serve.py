@@ -222,6 +222,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def run_demo(args) -> int:
+    from fashionchameleon.v1 import studio_pb2
     from services.studio.client import StudioClient
     from shared.media.video import probe_video
 
@@ -294,7 +295,7 @@ def run_demo(args) -> int:
                 "inter_chunk_p50_seconds": _round(_pct(gaps, 50)),
                 "inter_chunk_p99_seconds": _round(_pct(gaps, 99)),
                 "switches": [{k: _round(v) for k, v in s.items() if k != "sent"} for s in switches],
-                "final_state": int(closed.state),
+                "final_state": studio_pb2.Session.State.Name(closed.state),  # e.g. "CLOSED", not its number
             }
         )
     finally:
