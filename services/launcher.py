@@ -24,6 +24,7 @@ from shared.sessionbus.config import RedisConfig
 from shared.storage.config import LocalStoreConfig, StorageConfig
 
 log = logging.getLogger(__name__)
+EMBEDDED_HEADROOM = 1.0  # admission by compute on one shared machine: see embedded_config
 
 
 def free_port() -> int:
@@ -141,7 +142,10 @@ def embedded_config(
         model=ModelConfig(preset=preset, checkpoint=checkpoint, engine=EngineConfig(decoder=decoder)),
         redis=RedisConfig(url=redis_url, namespace=namespace, session_idle_ttl_s=idle_ttl_s),
         storage=StorageConfig(backend="local", local=LocalStoreConfig(root=store_root)),
-        generator=GeneratorConfig(realtime=realtime, **(generator or {})),
+        # Every deployment shares this machine here, so the generator keeps half of each chunk's
+        # playback time for the decoder, encoder and gateway (realtime_headroom 1.0; the chart's
+        # default 0.2 is for a generator with a GPU of its own).
+        generator=GeneratorConfig(realtime=realtime, **{"realtime_headroom": EMBEDDED_HEADROOM, **(generator or {})}),
         auth=AuthConfig(api_keys=api_keys),
         serve=ServeConfig(grpc_port=grpc_port, http_port=http_port),
         viewer=ViewerConfig(dev_launch=True),  # the player page opens dev sessions (`dev_player_url`)

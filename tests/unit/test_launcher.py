@@ -57,3 +57,16 @@ def test_from_env_reads_secrets_from_their_own_variables():
         AppConfig.from_env({**env, "FASHIONCHAMELEON_S3_SECRET_KEY": ""})
     with pytest.raises(ValueError, match=r"no storage\.s3"):
         AppConfig.from_env({**env, "FASHIONCHAMELEON_CONFIG": "{}"})
+
+
+def test_embedded_generator_keeps_half_a_chunk_for_the_deployments_it_shares_the_machine_with(tmp_path):
+    args = dict(
+        redis_url="redis://127.0.0.1:1/0",
+        store_root=str(tmp_path),
+        api_keys={"dev": "secret-key-000000000"},
+        grpc_port=9123,
+        http_port=9124,
+    )
+    assert embedded_config(**args).generator.realtime_headroom == 1.0
+    mine = embedded_config(**args, generator={"realtime_headroom": 0.3, "max_batch_size": 2}).generator
+    assert (mine.realtime_headroom, mine.max_batch_size) == (0.3, 2)  # an explicit setting wins
