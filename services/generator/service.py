@@ -50,6 +50,7 @@ from shared.sessionbus.streams import SessionClosed, SessionNotFound
 from shared.telemetry import HealthState, Metrics
 
 from .batcher import ChunkBatcher
+from .routing import EXCLUDE_KEY as ROUTING_EXCLUDE_KEY
 from .scaling import CAPACITY as SCALING_CAPACITY
 from .scaling import SESSIONS as SCALING_SESSIONS
 
@@ -764,6 +765,7 @@ class GeneratorService:
         self, state: generator_pb2.SessionState, tenant: str, meta: dict
     ) -> generator_pb2.GeneratorOpenSessionResponse:
         """Admit a session, run its cond forward and start its loop."""
+        meta = {k: v for k, v in meta.items() if k != ROUTING_EXCLUDE_KEY}  # routing only: not session data
         await self._ensure_started()
         if self.health.draining:
             self.metrics.rejections_total.inc(tags={"reason": "draining"})

@@ -46,12 +46,14 @@ class _Registry:
     def __init__(self, create_delay: float = 0.0):
         self.create_delay = create_delay
         self.created: list[str] = []
+        self.metas: dict[str, dict] = {}
         self.states: list[tuple] = []
         self.closed: list[tuple] = []
 
     async def create(self, sid, tenant, replica, meta, idle_ttl_s=None):
         await asyncio.sleep(self.create_delay)  # the await that used to sit between check and register
         self.created.append(sid)
+        self.metas[sid] = dict(meta)
 
     async def set_state(self, sid, state, reason=None, **fields):
         self.states.append((sid, state, reason, fields))
@@ -145,6 +147,7 @@ def test_concurrent_opens_never_admit_more_than_playback_speed_allows(monkeypatc
         assert cap.active_sessions == 4 and abs(cap.realtime_headroom - (0.5 / 0.36 - 1)) < 1e-9
         stats = svc.record_routing_stats()
         assert stats["free_sessions"] == 0 and stats["replica_id"] == "gen-test"
+
         for runner in svc.runners.values():
             runner.task.cancel()
 
@@ -157,7 +160,10 @@ def test_without_realtime_pacing_admission_is_by_memory_only(monkeypatch):
     async def scenario():
         svc = _service(monkeypatch, _Registry(), max_sessions=3, step_times=times)
         svc.config = AppConfig(generator=GeneratorConfig(recovery=False, max_sessions=3, realtime=False))
-        results = await asyncio.gather(*(_open(svc, f"ses_{i}") for i in range(4)), return_exceptions=True)
+        # the gateway's routing hint (replicas that refused this open) is not stored as session data
+        hint = {"exclude_replicas": ["gen-other"]}
+        results = await asyncio.gather(*(_open(svc, f"ses_{i}", hint) for i in range(4)), return_exceptions=True)
+        assert svc.registry.metas and all("exclude_replicas" not in m for m in svc.registry.metas.values())
         refused = [r for r in results if isinstance(r, ResourceExhausted)]
         assert len(svc.runners) == 3 and len(refused) == 1 and refused[0].metadata["limit"] == "capacity"
         for runner in svc.runners.values():

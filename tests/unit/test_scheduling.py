@@ -182,3 +182,13 @@ def test_generators_scale_on_realtime_capacity_not_requests():
     assert desired == 4 and state["sessions"] == 7.0  # 7 / (4 * 0.5) = 3.5
     starting = SimpleNamespace(aggregated_metrics={}, target_num_replicas=3)
     assert policy(starting) == (3, {})  # nothing reported yet: keep the target
+
+
+def test_the_router_reads_the_replicas_that_refused_this_open_from_its_meta():
+    from services.generator.routing import EXCLUDE_KEY, _excluded
+
+    positional = SimpleNamespace(args=["state", "acme", {EXCLUDE_KEY: ["gen-a", "gen-b"]}], kwargs={})
+    assert _excluded(positional) == {"gen-a", "gen-b"}
+    assert _excluded(SimpleNamespace(args=[], kwargs={"meta": {EXCLUDE_KEY: ["gen-c"]}})) == {"gen-c"}
+    assert _excluded(SimpleNamespace(args=["state", "acme", {}], kwargs={})) == set()
+    assert _excluded(None) == set()
