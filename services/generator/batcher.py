@@ -71,14 +71,17 @@ class ChunkBatcher:
         max_batch: int,
         wait_s: float,
         observe: Callable[[int, float], None] | None = None,
+        sessions: Callable[[], int] | None = None,
     ):
         """`compute()`: the replica's compute lock; `observe(batch_size, seconds)`: told after
-        every step (metrics)."""
+        every step (metrics); `sessions()`: how many sessions the replica runs (when all of them
+        are due, or there is only one, a step starts without waiting for others to join)."""
         self.step_times = step_times
         self.compute = compute
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.observe = observe
+        self.sessions = sessions
         self._due: list[tuple[VideoSession, asyncio.Future]] = []
         self._task: asyncio.Task | None = None
         self.steps = 0  # batched steps run (introspection, tests)
@@ -103,7 +106,8 @@ class ChunkBatcher:
 
     async def _serve(self) -> None:
         while self._due:
-            if self.wait_s > 0:
+            everyone = self.sessions is not None and len(self._due) >= self.sessions()
+            if self.wait_s > 0 and not everyone:
                 await asyncio.sleep(self.wait_s)  # let sessions due at about the same time join
             due = [(s, f) for s, f in self._due if not f.done()]  # a cancelled loop no longer waits
             self._due.clear()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -389,6 +390,7 @@ class GeneratorService:
         self.metrics = Metrics.create("auto")
         self.step_times = StepTimes()
         self.batcher: ChunkBatcher | None = None
+        self._compute_gauged = -math.inf  # when the compute gauges were last set (monotonic)
         self.warmup_seconds = self._warm_up()
         self._gauge_sessions()
         self.health = HealthState("generator")
@@ -423,6 +425,7 @@ class GeneratorService:
                 max_batch=cfg.max_batch_size,
                 wait_s=cfg.batch_wait_s,
                 observe=self._stepped,
+                sessions=lambda: len(self.runners),
             )
             self._background = asyncio.create_task(self._maintain())
 
@@ -491,7 +494,10 @@ class GeneratorService:
     def _stepped(self, size: int, seconds: float) -> None:
         self.metrics.batch_step_seconds.observe(seconds, tags={"batch_size": str(size)})
         self.metrics.batch_size.observe(size)
-        self._gauge_compute()
+        now = time.monotonic()
+        if now - self._compute_gauged >= 1.0:  # the capacity scan is not per-step work
+            self._compute_gauged = now
+            self._gauge_compute()
 
     def realtime_capacity(self) -> int:
         """Sessions this replica serves at playback speed with the configured headroom."""

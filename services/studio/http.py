@@ -424,18 +424,15 @@ def build_http_app(studio: Any) -> Starlette:
         try:
             _, grant = await _catalog_grant(request)
             garment_id = request.path_params["garment_id"]
-            for owner in (grant.tenant, "public"):
-                try:
-                    data = await asyncio.to_thread(
-                        studio.catalog.get, garment_id, tenant=owner, max_bytes=studio.limits.max_image_bytes
-                    )
-                    break
-                except (ObjectNotFound, ValueError):
-                    continue
-            else:
+            owner = await studio.catalog_owner(garment_id, grant.tenant)  # the lookup SwitchGarment uses
+            try:
+                data = await asyncio.to_thread(
+                    studio.catalog.get, garment_id, tenant=owner, max_bytes=studio.limits.max_image_bytes
+                )
+            except (ObjectNotFound, ValueError):  # gone since, or over the image limit
                 raise NotFound(
                     "catalog garment not found", reason="CATALOG_ITEM_NOT_FOUND", metadata={"catalog_id": garment_id}
-                )
+                ) from None
             content_type = sniff_image_type(data)
         except Exception as exc:  # noqa: BLE001
             return _error_response(_service_error(exc))

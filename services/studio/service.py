@@ -188,20 +188,29 @@ class StudioService(StudioHealth):
             await asyncio.to_thread(self.store.put_bytes_if_absent, key, ref.data)
             return key, ref.garment_id
         if ref.catalog_id is not None:
-            for owner in (tenant, "public"):  # a tenant's own catalog first, then the shared one
-                if await asyncio.to_thread(self.catalog.exists, ref.catalog_id, tenant=owner):
-                    return self.catalog.key(ref.catalog_id, owner), ref.catalog_id
-            raise NotFound(
-                f"catalog garment {ref.catalog_id!r} not found",
-                reason="CATALOG_ITEM_NOT_FOUND",
-                metadata={"catalog_id": ref.catalog_id},
-            )
+            owner = await self.catalog_owner(ref.catalog_id, tenant)
+            return self.catalog.key(ref.catalog_id, owner), ref.catalog_id
         key = ref.object_key  # already scoped to this tenant by validation
         try:
             await asyncio.to_thread(self.store.stat, key)
         except ObjectNotFound:
             raise NotFound(f"object {key!r} not found", reason="OBJECT_NOT_FOUND") from None
         return key, key.rsplit("/", 1)[-1][:16]
+
+    async def catalog_owner(self, catalog_id: str, tenant: str) -> str:
+        """Whose catalog item `catalog_id` is for `tenant`: the tenant's own first, then the shared
+        one (a tenant's item shadows a shared one with the same id). NOT_FOUND otherwise."""
+        for owner in (tenant, "public"):
+            try:
+                if await asyncio.to_thread(self.catalog.exists, catalog_id, tenant=owner):
+                    return owner
+            except ValueError:  # not a catalog id at all (the browser path passes ids unvalidated)
+                break
+        raise NotFound(
+            f"catalog garment {catalog_id!r} not found",
+            reason="CATALOG_ITEM_NOT_FOUND",
+            metadata={"catalog_id": catalog_id},
+        )
 
     async def _encode_image(self, key: str, kind: int):
         req = encoder_pb2.EncodeImageRequest(image=common_pb2.ImageInput(object_key=key), kind=kind)

@@ -8,14 +8,18 @@ from services.launcher import Embedded, embedded_config, free_port, start_redis_
 from shared.config import AppConfig, api_key_digest
 
 
-def test_describe_is_json_and_config_round_trips(tmp_path):
-    config = embedded_config(
+def _embedded_args(tmp_path) -> dict:
+    return dict(
         redis_url="redis://127.0.0.1:1/0",
         store_root=str(tmp_path),
         api_keys={"dev": "secret-key-000000000"},
         grpc_port=9123,
         http_port=9124,
     )
+
+
+def test_describe_is_json_and_config_round_trips(tmp_path):
+    config = embedded_config(**_embedded_args(tmp_path))
     info = json.loads(json.dumps(Embedded(config, "secret-key-000000000").describe()))
     assert info["grpc"] == "127.0.0.1:9123" and info["tenant"] == "dev" and info["store"] == str(tmp_path)
     again = AppConfig.from_json(config.to_json())  # what every Ray replica rebuilds
@@ -60,13 +64,7 @@ def test_from_env_reads_secrets_from_their_own_variables():
 
 
 def test_embedded_generator_keeps_half_a_chunk_for_the_deployments_it_shares_the_machine_with(tmp_path):
-    args = dict(
-        redis_url="redis://127.0.0.1:1/0",
-        store_root=str(tmp_path),
-        api_keys={"dev": "secret-key-000000000"},
-        grpc_port=9123,
-        http_port=9124,
-    )
+    args = _embedded_args(tmp_path)
     assert embedded_config(**args).generator.realtime_headroom == 1.0
     mine = embedded_config(**args, generator={"realtime_headroom": 0.3, "max_batch_size": 2}).generator
     assert (mine.realtime_headroom, mine.max_batch_size) == (0.3, 2)  # an explicit setting wins

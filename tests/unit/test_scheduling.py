@@ -192,3 +192,12 @@ def test_the_router_reads_the_replicas_that_refused_this_open_from_its_meta():
     assert _excluded(SimpleNamespace(args=[], kwargs={"meta": {EXCLUDE_KEY: ["gen-c"]}})) == {"gen-c"}
     assert _excluded(SimpleNamespace(args=["state", "acme", {}], kwargs={})) == set()
     assert _excluded(None) == set()
+
+
+def test_a_step_does_not_wait_for_others_when_every_session_is_already_due():
+    batcher = ChunkBatcher(StepTimes(initial={1: 0.1}), _free_lock, max_batch=4, wait_s=60.0, sessions=lambda: 1)
+
+    async def main():  # with the 60 s join window honoured this would time out
+        return await asyncio.wait_for(batcher.generate(_Session("only")), timeout=5.0)
+
+    assert asyncio.run(main())[0].index == 0
