@@ -178,7 +178,9 @@ def test_a_token_opens_its_session_only_and_redis_keeps_only_its_digest(redis_ur
         )
         for key in keys:
             assert token.encode() not in (await redis.dump(key) or b"")
-        assert 899_000 < await redis.pttl(keys[0] if "viewer:" in keys[0] else keys[1]) <= 900_000
+        # the token's key expires with it: 900 s from minting (wide lower bound: wall time passes
+        # between the mint and this read, more on a loaded machine)
+        assert 600_000 < await redis.pttl(keys[0] if "viewer:" in keys[0] else keys[1]) <= 900_000
         for session_id, presented in ((OTHER, token), (SID, token[:-1] + "A"), (SID, "nonsense"), ("bad id", token)):
             with pytest.raises(Unauthenticated) as err:
                 await tokens.check(session_id, presented)
@@ -233,7 +235,9 @@ def test_revoking_a_session_deletes_all_its_tokens_and_no_others(redis_url):
     async def body(tokens, registry, clock, redis):
         mine = [(await tokens.mint("acme", SID, [], ttl))[0] for ttl in (100, 900, 300)]
         theirs, _ = await tokens.mint("acme", OTHER, [], 900)
-        assert 899_000 < await redis.pttl(f"fc:session:{{{SID}}}:viewers") <= 900_000  # the longest-lived one
+        assert (
+            600_000 < await redis.pttl(f"fc:session:{{{SID}}}:viewers") <= 900_000
+        )  # the longest-lived one (900 s, not 300)
         assert await tokens.revoke_session(SID) == 3
         for token in mine:
             with pytest.raises(Unauthenticated):
