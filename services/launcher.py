@@ -335,11 +335,16 @@ def start_app(
     metrics_report_interval_ms: int | None = None,
     quiet: bool = False,
     stage: Stage | None = None,
-) -> None:
-    """Start Ray + Serve (gRPC on config.serve.grpc_port) and deploy the application.
+    repick_ports: bool = False,
+) -> AppConfig:
+    """Start Ray + Serve (gRPC on config.serve.grpc_port) and deploy the application; returns the
+    config it serves.
 
     Ray exports application metrics (prefixed `ray_`) on `metrics_port` at /metrics.
     quiet: only Ray's errors reach stderr (`quiet_ray`). stage: told each start-up step.
+    repick_ports: the gRPC/HTTP ports were picked free (`free_port`) rather than asked for; if one
+    was taken meanwhile (Ray's own processes bind random ports while it starts), Serve starts on
+    newly picked ones, and the returned config says which.
     """
     if quiet:
         quiet_ray()
@@ -382,21 +387,32 @@ def start_app(
         quiet_ray()  # again: ray.init configured its loggers
     if stage:
         stage("starting Serve")
-    serve.start(
-        grpc_options=gRPCOptions(
-            # reflection (on by default in Ray 2.60) lists every registered service to generic clients
-            port=config.serve.grpc_port,
-            grpc_servicer_functions=[STUDIO_SERVICER, EVAL_SERVICER, HEALTH_SERVICER],
-            enable_reflection=True,
-        ),
-        http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),
-    )
+    for attempt in range(attempts := 3):
+        try:
+            serve.start(
+                grpc_options=gRPCOptions(
+                    # reflection (on by default in Ray 2.60) lists every registered service to generic clients
+                    port=config.serve.grpc_port,
+                    grpc_servicer_functions=[STUDIO_SERVICER, EVAL_SERVICER, HEALTH_SERVICER],
+                    enable_reflection=True,
+                ),
+                http_options=HTTPOptions(host="127.0.0.1", port=config.serve.http_port),
+            )
+            break
+        except Exception as exc:  # Serve's proxy reports a taken port as a RayTaskError
+            if not repick_ports or "bind" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            serve.shutdown()
+            ports = {"grpc_port": free_port(), "http_port": free_port()}
+            log.warning("a Serve port was taken (%s); starting on %s", str(exc).splitlines()[-1][-120:], ports)
+            config = config.model_copy(update={"serve": config.serve.model_copy(update=ports)})
     if quiet:
         quiet_ray()  # serve.start set up the "ray.serve" logger
     if stage:
         _deploy_reporting(build_app(config), config, stage)
     else:
         serve.run(build_app(config), name=config.serve.app_name, route_prefix="/", blocking=False)
+    return config
 
 
 def start_embedded(
@@ -440,7 +456,9 @@ def start_embedded(
     )
     embedded = Embedded(config, key, redis, cleanup)
     try:
-        start_app(config, quiet=quiet, stage=stage)
+        embedded.config = start_app(
+            config, quiet=quiet, stage=stage, repick_ports=grpc_port is None and http_port is None
+        )
     except Exception:
         embedded.stop()
         raise

@@ -68,3 +68,36 @@ def test_embedded_generator_keeps_half_a_chunk_for_the_deployments_it_shares_the
     assert embedded_config(**args).generator.realtime_headroom == 1.0
     mine = embedded_config(**args, generator={"realtime_headroom": 0.3, "max_batch_size": 2}).generator
     assert (mine.realtime_headroom, mine.max_batch_size) == (0.3, 2)  # an explicit setting wins
+
+
+def test_serve_moves_to_new_ports_when_a_picked_port_was_taken(tmp_path, monkeypatch):
+    """Ray's own processes bind random ports while it starts: a port `free_port` picked can be
+    gone when Serve's proxy binds it. With repick_ports, Serve starts on newly picked ports and
+    the returned config says which; without, the error stands."""
+    import ray
+    from ray import serve
+
+    import services.app
+    from services.launcher import start_app
+
+    starts: list[tuple[int, int]] = []
+
+    def start(grpc_options, http_options):
+        starts.append((grpc_options.port, http_options.port))
+        if len(starts) == 1:
+            raise RuntimeError("ray::ProxyActor.ready() ... Failed to bind to address '127.0.0.1:1'.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(serve, "start", start)
+    monkeypatch.setattr(serve, "shutdown", lambda: None)
+    monkeypatch.setattr(serve, "run", lambda *a, **k: None)
+    monkeypatch.setattr(services.app, "build_app", lambda config: None)
+    config = embedded_config(**_embedded_args(tmp_path))
+    served = start_app(config, repick_ports=True)
+    assert len(starts) == 2 and starts[0] == (9123, 9124) and starts[1] != starts[0]
+    assert (served.serve.grpc_port, served.serve.http_port) == starts[1]
+    starts.clear()
+    import pytest
+
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        start_app(config)  # ports the caller asked for are never changed behind its back
