@@ -11,8 +11,15 @@ session still played without a stall: sessions are generated one chunk ahead of 
 gap up to two chunk durations is absorbed; --slack is that bound in chunk durations. A session
 the suite refuses (RESOURCE_EXHAUSTED: admission by memory or by compute) counts as refused,
 not as a stall. `--max-batch 1,8` (embedded only) starts the suite once per value of
-`generator.max_batch_size`: 1 steps sessions one at a time, as before batching. The visible switch
-latency is the time from the SwitchGarment call to the first chunk that wears the new garment.
+`generator.max_batch_size`: 1 steps sessions one at a time, as before batching.
+
+Garment switches are clicked beside the stream (the call never holds up receiving), at a random
+moment within a chunk's playback time after the chunk that triggers them arrives. The visible
+switch latency is the time from the SwitchGarment call until the first chunk wearing the new garment
+starts playing on a player that starts at chunk 0's arrival and plays at 1x (stalling when it has
+nothing); "arrived" is until that chunk arrives. `switch_at_first_unreceived` counts the switches
+that took effect at the first chunk the viewer had not received when clicking. `--redo on,off`
+(embedded only) starts a suite per value of `generator.redo_undelivered_on_switch`.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import random
 import statistics
 import sys
 import threading
@@ -43,6 +51,9 @@ def pct(values: list[float], q: int) -> float:
 
 
 def one_session(target: str, key: str, chunks: int, switch_every: int, seed: int, out: dict) -> None:
+    """One viewer: streams the session and, every `switch_every` chunks, clicks a garment (the
+    SwitchGarment call runs beside the stream, as a page's click does, so receiving never waits
+    for it)."""
     person = (EXAMPLES / "person.png").read_bytes()
     garments = [(EXAMPLES / "garment-red.png").read_bytes(), (EXAMPLES / "garment-green.png").read_bytes()]
     with StudioClient(target, key) as c:
@@ -57,24 +68,52 @@ def one_session(target: str, key: str, chunks: int, switch_every: int, seed: int
             out.update(refused=True)
             return
         created = time.perf_counter()
-        arrivals, switches, pending = [], [], None
+        arrivals: dict[int, float] = {}
+        durations: dict[int, float] = {}
+        clicks: list[dict] = []
+        threads: list[threading.Thread] = []
+        rng = random.Random(seed)
+        last = [-1]  # the last chunk index received
+
+        def click(garment: bytes, delay: float) -> None:
+            time.sleep(delay)  # a viewer clicks at any moment, not just as a chunk arrives
+            received, sent = last[0], time.perf_counter()
+            resp = c.switch_garment(s.session_id, garment)
+            clicks.append({"sent": sent, "received": received, "effective": resp.effective_chunk_index})
+
         for chunk in c.stream(s.session_id):
             if chunk.end_of_stream:
                 break
-            now = time.perf_counter()
-            arrivals.append(now)
-            if pending is not None and chunk.switch_applied:
-                switches.append(now - pending)
-                pending = None
+            arrivals[chunk.index] = time.perf_counter()
+            last[0] = chunk.index
+            durations[chunk.index] = chunk.duration_seconds
             if switch_every and chunk.index % switch_every == switch_every - 1 and chunk.index + 2 < chunks:
-                pending = time.perf_counter()
-                c.switch_garment(s.session_id, garments[(chunk.index // switch_every + 1) % 2])
+                garment = garments[(chunk.index // switch_every + 1) % 2]
+                delay = rng.uniform(0.0, chunk.duration_seconds)
+                threads.append(threading.Thread(target=click, args=(garment, delay)))
+                threads[-1].start()
+        for t in threads:
+            t.join()
         c.close_session(s.session_id)
+    # A player that starts at chunk 0's arrival and plays at 1x, stalling while it has nothing.
+    plays: dict[int, float] = {}
+    stalls: list[float] = []  # how long the player waited for each chunk that came after it was due
+    for k in sorted(arrivals):
+        due = plays[k - 1] + durations[k - 1] if k - 1 in plays else arrivals[k]
+        plays[k] = max(arrivals[k], due)
+        if arrivals[k] > due:
+            stalls.append(arrivals[k] - due)
+    order = sorted(arrivals)
     out.update(
         create=created - t0,
-        ttfc=arrivals[0] - created if arrivals else float("nan"),
-        gaps=[b - a for a, b in itertools.pairwise(arrivals)],
-        switches=switches,
+        ttfc=arrivals[order[0]] - created if order else float("nan"),
+        gaps=[arrivals[b] - arrivals[a] for a, b in itertools.pairwise(order)],
+        # call -> the first chunk wearing it arrives / starts playing; how many chunks past the
+        # first one the viewer had not received when clicking it took effect (0: that one)
+        switch_arrived=[arrivals[x["effective"]] - x["sent"] for x in clicks if x["effective"] in arrivals],
+        switch_played=[plays[x["effective"]] - x["sent"] for x in clicks if x["effective"] in plays],
+        switch_offset=[x["effective"] - (x["received"] + 1) for x in clicks],
+        stalls=stalls,
     )
 
 
@@ -88,7 +127,9 @@ def run_level(target: str, key: str, n: int, chunks: int, switch_every: int) -> 
     for t in threads:
         t.join()
     gaps = [g for r in results for g in r.get("gaps", [])]
-    switches = [s for r in results for s in r.get("switches", [])]
+    arrived = [s for r in results for s in r.get("switch_arrived", [])]
+    played = [s for r in results for s in r.get("switch_played", [])]
+    offsets = [s for r in results for s in r.get("switch_offset", [])]
     ttfc = [r["ttfc"] for r in results if "ttfc" in r]
     per_session_p99 = [pct(r["gaps"], 99) for r in results if r.get("gaps")]
     per_session_p50 = [pct(r["gaps"], 50) for r in results if r.get("gaps")]
@@ -102,8 +143,14 @@ def run_level(target: str, key: str, n: int, chunks: int, switch_every: int) -> 
         "inter_chunk_p99_s": pct(gaps, 99) if gaps else None,
         "session_p50_median_s": statistics.median(per_session_p50) if per_session_p50 else None,
         "session_p99_worst_s": max(per_session_p99) if per_session_p99 else None,
-        "switch_visible_p50_s": pct(switches, 50) if switches else None,
-        "switch_visible_p99_s": pct(switches, 99) if switches else None,
+        "switch_arrived_p50_s": pct(arrived, 50) if arrived else None,
+        "switch_arrived_p99_s": pct(arrived, 99) if arrived else None,
+        "switch_visible_p50_s": pct(played, 50) if played else None,
+        "switch_visible_p99_s": pct(played, 99) if played else None,
+        "stalls": sum(len(r.get("stalls", [])) for r in results),
+        "stall_seconds": sum(sum(r.get("stalls", [])) for r in results),
+        "switches": len(offsets),
+        "switch_at_first_unreceived": sum(1 for o in offsets if o <= 0),
     }
 
 
@@ -124,6 +171,11 @@ def main() -> int:
         default="8",
         help="embedded default only: comma-separated generator.max_batch_size values, one suite each (1: no batching)",
     )
+    p.add_argument(
+        "--redo",
+        default="on",
+        help="embedded only: comma-separated on/off, generator.redo_undelivered_on_switch, one suite each",
+    )
     p.add_argument("--concurrency", default="1,2,4", help="comma-separated session counts")
     p.add_argument("--chunks", type=int, default=8)
     p.add_argument("--switch-every", type=int, default=3, help="switch garment every K chunks (0: never)")
@@ -139,8 +191,13 @@ def main() -> int:
     chunk_seconds = 12 / 24
     counts = [int(n) for n in args.concurrency.split(",")]
     runs = []
-    for max_batch in [None] if args.target else [int(b) for b in args.max_batch.split(",")]:
-        with _suite(args, max_batch) as (target, key):
+    if args.target:
+        suites = [(None, None)]
+    else:
+        redo = [{"on": True, "off": False}[v.strip()] for v in args.redo.split(",")]
+        suites = list(itertools.product([int(b) for b in args.max_batch.split(",")], redo))
+    for max_batch, redo in suites:
+        with _suite(args, max_batch, redo) as (target, key):
             levels = [run_level(target, key, n, args.chunks, args.switch_every) for n in counts]
         keeping_up = [  # every session the suite admitted completed and kept playback speed
             lv["completed"]
@@ -152,6 +209,7 @@ def main() -> int:
             {
                 "target": target,
                 "max_batch_size": max_batch,
+                "redo_undelivered_on_switch": redo,
                 "levels": levels,
                 "sessions_per_replica": max(keeping_up, default=0),
             }
@@ -167,11 +225,19 @@ def main() -> int:
         "session_p99_worst_s",
         "switch_visible_p50_s",
         "switch_visible_p99_s",
+        "stalls",
+        "stall_seconds",
+        "switches",
+        "switch_at_first_unreceived",
     ]
     out = sys.stderr if args.json else sys.stdout
     for run in runs:
         if run["max_batch_size"] is not None:
-            print(f"generator.max_batch_size = {run['max_batch_size']}", file=out)
+            print(
+                f"generator.max_batch_size = {run['max_batch_size']}, "
+                f"redo_undelivered_on_switch = {run['redo_undelivered_on_switch']}",
+                file=out,
+            )
         print(" ".join(f"{c:>20}" for c in cols), file=out)
         for lv in run["levels"]:
             cells = (f"{lv[c]:.3f}" if isinstance(lv[c], float) else str(lv[c]) for c in cols)
@@ -187,7 +253,7 @@ def main() -> int:
 
 
 @contextlib.contextmanager
-def _suite(args: argparse.Namespace, max_batch: int | None):
+def _suite(args: argparse.Namespace, max_batch: int | None, redo: bool | None):
     """(target, api key) of the suite to measure: --target, or an embedded one started here."""
     if args.target:
         yield args.target, args.api_key
@@ -202,6 +268,7 @@ def _suite(args: argparse.Namespace, max_batch: int | None):
         generator={
             **({"max_batch_size": max_batch} if max_batch else {}),
             **({"realtime_headroom": args.headroom} if args.headroom is not None else {}),
+            **({"redo_undelivered_on_switch": redo} if redo is not None else {}),
         },
         quiet=True,
     )

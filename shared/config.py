@@ -99,8 +99,13 @@ class GeneratorConfig(_Frozen):
     # and Serve is replacing it), then answers UNAVAILABLE with RetryInfo instead of hanging.
     open_timeout_s: float = Field(default=10.0, gt=0)
     drain_timeout_s: float = Field(default=50.0, ge=0)  # keep below Serve's graceful_shutdown_timeout_s
-    save_clips: bool = True
-    recovery: bool = True  # persist session state so another replica rebuilds a session whose replica died  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
+    save_clips: bool = True  # store each finished session's MP4 at clips/{tenant}/{session_id}.mp4
+    recovery: bool = True  # persist session state so another replica rebuilds a session whose replica died
+    # A garment switch that withdraws the history takes effect at the first chunk the client has not
+    # received: a chunk generated and decoded but not yet sent is dropped and generated again wearing
+    # the new garment (paced sessions: only when that still makes its playback time).
+    redo_undelivered_on_switch: bool = True
+    redo_margin_s: float = Field(default=0.1, ge=0)  # what a redone chunk keeps to spare before its playback time
     recovery_attempts: int = Field(default=3, ge=1)  # rebuilds of an orphaned session before it ends FAILED
     # Batched stepping (shared.runtime.batch) and admission by compute (shared.runtime.scheduling).
     max_batch_size: int = Field(default=8, ge=1)  # sessions stepped in one DiT forward at most

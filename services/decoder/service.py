@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from fashionchameleon.v1 import decoder_pb2
-from services.common.errors import Aborted
+from services.common.errors import Aborted, FailedPrecondition
 from services.common.model import load_engine
 from services.common.tensors import tensor_from_proto, tensor_to_proto
 from shared.config import AppConfig
@@ -56,7 +56,11 @@ class _DecodeSession:
     first_chunk: int  # first chunk of the current decode stream (since the last reset)
     next_frame: int  # stream frame index of the next decoded frame (the timeline, never reset)
     init_segment: bytes = b""
-    last_frame: torch.Tensor | None = None  # [1, 3, H, W] in [-1, 1]
+    # The last pixel frame [1, 3, H, W] in [-1, 1] of the last two chunks decoded (a primer counts
+    # as the chunk before its stream's first): a switch's new reference is the last frame of the
+    # chunk before the one it takes effect at, which may be the chunk before the last decoded one
+    # (the generator drops a decoded chunk it has not published yet and redoes it with the switch).
+    last_frames: dict[int, torch.Tensor] = field(default_factory=dict)
     clip: _Clip | None = None  # the session's whole video so far, across resets
     idle_timeout_s: float = 0.0
     last_used: float = field(default_factory=time.monotonic)
@@ -252,7 +256,10 @@ class DecoderService:
             # caches then continue the stream, so this chunk gets 4 f frames, not 1 + 4 (f - 1).
             prime = tensor_from_proto(req.prime_latents).to(self.engine.device, self.engine.dtype)
             with self._lock:
-                decoder.decode_chunk(prime)
+                primed = decoder.decode_chunk(prime)
+            last_frames = {req.chunk_index - 1: primed[:, :, -1].clone()}
+        else:
+            last_frames = {}
         clip = None
         if old is not None:
             with contextlib.suppress(Exception):
@@ -274,6 +281,7 @@ class DecoderService:
             next_frame=req.first_frame_index,
             clip=clip,
             idle_timeout_s=req.idle_timeout_seconds or self.default_idle_timeout_s,
+            last_frames=last_frames,
         )
 
     def _decode_sync(self, req: decoder_pb2.DecodeChunkRequest) -> decoder_pb2.DecodeChunkResponse:
@@ -327,8 +335,10 @@ class DecoderService:
                 vae_decode_seconds=vae_s, video_encode_seconds=encode_s, total_seconds=time.perf_counter() - start
             ),
         )
-        session.last_frame = pixels[:, :, -1]  # [1, 3, H, W] in [-1, 1], kept for a switch
-        last = session.last_frame.float().cpu()
+        last = pixels[:, :, -1].clone()  # a copy: a view would keep the whole chunk's pixels alive
+        session.last_frames = {k: v for k, v in session.last_frames.items() if k == req.chunk_index - 1}
+        session.last_frames[req.chunk_index] = last
+        last = last.float().cpu()
         if req.return_last_frame_tensor:
             resp.last_frame.CopyFrom(tensor_to_proto(last))
         if req.return_last_frame_png:
@@ -342,17 +352,30 @@ class DecoderService:
             self._sweeper = asyncio.create_task(self._sweep())
         return await asyncio.to_thread(self._decode_sync, request)
 
-    def _encode_last_frame_sync(self, session_id: str):
-        session = self.sessions.get(session_id)
-        if session is None or session.last_frame is None:
+    def _encode_last_frame_sync(self, session_id: str, chunk_index: int | None):
+        with self._table:
+            session = self.sessions.get(session_id)
+        if session is None or not session.last_frames:
             raise Aborted(f"session {session_id} has no decoded frame on this replica", reason="SESSION_NOT_ON_REPLICA")
+        if chunk_index is None:
+            chunk_index = max(session.last_frames)
+        frame = session.last_frames.get(chunk_index)
+        if frame is None:
+            held = sorted(session.last_frames)
+            raise FailedPrecondition(
+                f"session {session_id}: the last frame of chunk {chunk_index} is not held (held: chunks {held})",
+                reason="CHUNK_OUT_OF_ORDER",
+                metadata={"held": ",".join(map(str, held))},
+            )
         with self._lock:
-            latent = self.engine.encode_frame(session.last_frame)  # decode-encode round trip
+            latent = self.engine.encode_frame(frame)  # decode-encode round trip
         return tensor_to_proto(latent.cpu())
 
-    async def encode_last_frame(self, session_id: str):
-        """The last decoded frame of a session, VAE-encoded as an image: the switch's new reference."""
-        return await asyncio.to_thread(self._encode_last_frame_sync, session_id)
+    async def encode_last_frame(self, session_id: str, chunk_index: int | None = None):
+        """The last frame of chunk `chunk_index` of a session (default: of the last chunk decoded),
+        VAE-encoded as an image: a switch's new reference. The last two chunks decoded are held;
+        another is FAILED_PRECONDITION / CHUNK_OUT_OF_ORDER (metadata "held")."""
+        return await asyncio.to_thread(self._encode_last_frame_sync, session_id, chunk_index)
 
     def _close_sync(self, session_id: str, save_key: str | None) -> decoder_pb2.DecoderCloseSessionResponse:
         with self._table:

@@ -6,7 +6,9 @@ its latent level; this module adds only transport: Redis control and output stre
 leases, admission, and the encoder/decoder deployments. Its loop:
 
   1. applies control commands (switch garment, update prompt, close) from the session's Redis
-     control stream at the chunk boundary, acknowledging the chunk index they take effect at;
+     control stream at the chunk boundary, acknowledging the chunk index they take effect at; a
+     garment switch that withdraws the history takes effect at the first chunk the client has not
+     received: a chunk decoded but not yet sent is dropped and generated again (`_redo`);
   2. waits while the client is more than `max_client_lag_chunks` behind, and paces chunk k to
      be ready `lead_chunks` before its playback time (when `realtime`);
   3. generates chunk k in a batch with the replica's other sessions due at about the same time
@@ -42,7 +44,7 @@ from shared.config import AppConfig
 from shared.redis_util import connect
 from shared.runtime.kv_cache import KVCacheSpec
 from shared.runtime.pipeline import VideoSession, generate_batch
-from shared.runtime.scheduling import StepTimes
+from shared.runtime.scheduling import Recent, StepTimes
 from shared.runtime.session import PromptOptions, SwitchOptions
 from shared.runtime.session import SessionState as EngineState
 from shared.sessionbus import CommandType, SessionRegistry, SessionState
@@ -107,10 +109,18 @@ class SessionRunner:
     restart_decode: bool = False  # a rebuilt session starts a new decode stream at its first chunk
     frame_offset: int = 0  # pixel frames published before this runner took over
     lease_lost: bool = False  # another replica took the session over: leave its records alone
-    prime_latents: object = None  # a rebuilt session's decode primer (proto: the last frame, encoded)
+    # The primer of the next decode stream (proto latents): a rebuilt session's last frame, encoded, or
+    # the chunk before a chunk redone for a switch
+    prime_latents: object = None
     idle_ttl_s: float | None = None  # the session's idle TTL (the decoder keeps its state a while longer)
     _last_latents: object = None  # latents (proto) of the last chunk sent to the decoder: a reset's primer
     _finishing: bool = False  # in finish(): cancelling now would cut the decoder close and the clip save
+    _generate_s: float = 0.0  # the last chunk's generation wall time (waiting for its batch included)
+    _decode_s: float = 0.0  # the last chunk's decode time
+    _switch_issued: list = field(default_factory=list)  # issued_at of switches applied, not yet published
+    _prompt_issued: list = field(default_factory=list)  # issued_at of prompt updates applied, not yet generated
+    _redoing: tuple[int, float] | None = None  # (chunk, monotonic time) of a redo until that chunk is sent
+    _superseded: _Pending | None = None  # a redone chunk's first decode: awaited before its redo is sent
 
     def stop(self) -> None:
         """End the loop; finish() then frees the cache, closes the decode state and saves the
@@ -128,24 +138,28 @@ class SessionRunner:
     async def _apply(self, cmd, pending: _Pending | None) -> _Pending | None:
         svc = self.service
         if cmd.type == CommandType.SWITCH_GARMENT:
+            started = time.perf_counter()
             p = cmd.payload
             garment = await svc.encode_garment(p["garment_key"])
             asked = SwitchOptions(**{**self.options.__dict__, **p.get("options", {})})
             options = self.session.switch_options(asked)  # the engine's rule for this chunk
             new_ref = None
-            if options.disentangle:  # the new reference is the decoder's last frame, re-encoded
+            if options.disentangle:  # the new reference: the last frame of the chunk before, re-encoded
                 if pending is not None:
                     await self._publish(pending)
                     pending = None
-                frame = await svc.decoder.options(session_id=self.session_id).encode_last_frame.remote(self.session_id)
+                frame = await svc.decoder.options(session_id=self.session_id).encode_last_frame.remote(
+                    self.session_id, self.session.chunk_index - 1
+                )
                 new_ref = await asyncio.to_thread(tensor_from_proto, frame)
             async with svc.compute():
                 await asyncio.to_thread(self.session.switch_latents, garment, options, new_ref)
+            svc.switch_seconds.observe(time.perf_counter() - started)
             self.garment_id = p.get("garment_id", self.garment_id)
             await svc.persist(self)
             await svc.record_applied(self, garment_id=self.garment_id)
-            if cmd.issued_at:
-                svc.metrics.garment_switch_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
+            if cmd.issued_at:  # observed when the first chunk wearing it is sent
+                self._switch_issued.append(cmd.issued_at)
         elif cmd.type == CommandType.UPDATE_PROMPT:
             embedding = await svc.encode_prompt(cmd.payload["prompt"])
             prompt_options = PromptOptions(**cmd.payload.get("options", {}))  # cond KV always re-cached
@@ -154,9 +168,75 @@ class SessionRunner:
             self.prompt_revision = int(cmd.payload.get("revision", self.prompt_revision + 1))
             await svc.persist(self)
             await svc.record_applied(self, prompt=cmd.payload["prompt"], prompt_revision=self.prompt_revision)
-            if cmd.issued_at:
-                svc.metrics.prompt_update_latency_seconds.observe(max(0.0, time.time() - cmd.issued_at))
+            if cmd.issued_at:  # observed when the first chunk under it is generated
+                self._prompt_issued.append(cmd.issued_at)
         return pending
+
+    def _redo_wanted(self, commands: list, pending: _Pending) -> bool:
+        """Whether this batch of control commands should go back to chunk `pending.index` (decoded,
+        not yet sent to the client) instead of taking effect after it: when a garment switch in it
+        withdraws the history (at chunk 0 there is none), so that chunk's history is dropped by the
+        switch anyway; no close is among the commands (the client gets what was generated); and,
+        when paced, the replica has compute to spare for one more session (a redo costs about one
+        chunk: it must not make the other sessions late) and the chunk can be generated and decoded
+        again before its playback time (the viewer sees the new garment a chunk earlier rather than a
+        stall)."""
+        cfg = self.service.config.generator
+        if not cfg.redo_undelivered_on_switch or any(c.type == CommandType.CLOSE for _, c in commands):
+            return False
+        j = pending.index
+
+        def withdraws(cmd) -> bool:
+            asked = {**self.options.__dict__, **cmd.payload.get("options", {})}
+            return j == 0 or bool(asked["withdraw"])
+
+        if not any(c.type == CommandType.SWITCH_GARMENT and withdraws(c) for _, c in commands):
+            return False
+        if not cfg.realtime or self.playback_start is None:
+            return True
+        svc = self.service
+        if not svc.has_spare_compute():
+            return False
+        deadline = self.playback_start + self._frames_before(j) / self.session.preset.streaming.fps
+        # the switch (encodes, cond forward), the chunk again, and its decode after the primer's;
+        # once redos were timed here, the slowest of the last few if that is more
+        redo_s = (svc.switch_seconds.median or self._generate_s) + self._generate_s + 2 * self._decode_s
+        redo_s = max(redo_s, svc.redo_seconds.max or 0.0)
+        late = time.monotonic() + redo_s + cfg.redo_margin_s - deadline
+        if late > 0:
+            log.info(
+                "session %s: chunk %d is sent as generated: redoing it for the switch would miss its playback "
+                "time by %.3f s (estimated %.3f s)",
+                self.session_id,
+                j,
+                late,
+                redo_s,
+            )
+        return late <= 0
+
+    def _redo(self, pending: _Pending) -> None:
+        """Drop chunk `pending.index` (sent to the decoder, never published) and go back to it: the commands
+        read now take effect there, the first chunk the client has not received. Its decode is
+        left to finish while the switch is applied and the chunk generated again (the decoder holds
+        the frame before it, a switch's new reference, throughout), awaited before the redone chunk
+        goes to the decoder and thrown away; the redone chunk is decoded on a new decode stream primed
+        with the chunk before, whose piece replaces the dropped one in the session's clip."""
+        self._redoing = (pending.index, time.monotonic())
+        self._superseded = pending  # its decode goes on meanwhile; the decoder holds the frame before either way
+        j = pending.index
+        self.session.rewind(j, prompt_updated=bool(pending.meta.get("prompt_update_applied")))
+        self.restart_decode = True
+        self.prime_latents = pending.prime
+        self._last_latents = pending.prime
+        self.service.metrics.chunks_redone_total.inc()
+        log.info("session %s: chunk %d redone for a garment switch (it was not sent yet)", self.session_id, j)
+
+    async def _drop_superseded(self) -> None:
+        """Wait for the decode of a chunk dropped by a redo to end, and throw it away."""
+        dropped, self._superseded = self._superseded, None
+        if dropped is not None:
+            with contextlib.suppress(Exception):  # whatever became of it, its piece is not used
+                await dropped.response
 
     # ---- output ------------------------------------------------------------------------
     async def _publish(self, pending: _Pending) -> None:
@@ -175,6 +255,7 @@ class SessionRunner:
             if pending.prime is not None:  # the previous chunk: the new decode state continues it
                 pending.request.prime_latents.CopyFrom(pending.prime)
             resp = await svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(pending.request)
+        self._decode_s = resp.timings.total_seconds
         self._advance_playback_clock(pending.index)
         if resp.init_segment:
             await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
@@ -208,6 +289,13 @@ class SessionRunner:
                 chunks=pending.index + 1,
                 frames=resp.first_frame_index + resp.num_frames,
             )
+        if self._redoing is not None and self._redoing[0] == pending.index:
+            svc.redo_seconds.observe(time.monotonic() - self._redoing[1])
+            self._redoing = None
+        if pending.meta.get("switch_applied"):  # issued -> the first chunk wearing it is sent
+            for issued in self._switch_issued:
+                svc.metrics.garment_switch_latency_seconds.observe(max(0.0, time.time() - issued))
+            self._switch_issued.clear()
         now = time.monotonic()
         m = svc.metrics
         m.chunk_decode_seconds.observe(resp.timings.total_seconds)
@@ -272,7 +360,11 @@ class SessionRunner:
         pending: _Pending | None = None
         try:
             while True:
-                for command_id, cmd in await control.read():
+                commands = await control.read()
+                if pending is not None and commands and self._redo_wanted(commands, pending):
+                    self._redo(pending)  # chunk k-1 was not sent yet: the switch takes effect there
+                    pending = None
+                for command_id, cmd in commands:
                     if cmd.type == CommandType.CLOSE:
                         self.end_reason = str(cmd.payload.get("reason", "closed"))
                         return
@@ -306,8 +398,13 @@ class SessionRunner:
                 started = time.perf_counter()
                 chunk, latents = await svc.batcher.generate(self.session)  # batched with other due sessions
                 gen_s = chunk.generate_seconds  # the step it was generated in (waiting for the batch excluded)
+                self._generate_s = time.perf_counter() - started
                 svc.metrics.chunk_generation_seconds.observe(gen_s)
                 svc.metrics.chunks_generated_total.inc()
+                if chunk.prompt_updated:  # issued -> the first chunk under the new prompt is generated
+                    for issued in self._prompt_issued:
+                        svc.metrics.prompt_update_latency_seconds.observe(max(0.0, time.time() - issued))
+                    self._prompt_issued.clear()
                 meta = {
                     "garment_id": self.garment_id,
                     "prompt_revision": self.prompt_revision,
@@ -335,6 +432,7 @@ class SessionRunner:
                     request.prime_latents.CopyFrom(self.prime_latents)
                     self.prime_latents = None
                 self.restart_decode = False
+                await self._drop_superseded()  # the decoder takes a session's chunks in order
                 response = svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(request)
                 pending = _Pending(k, response, meta, started, request, prime=self._last_latents)
                 self._last_latents = request.latents
@@ -357,6 +455,8 @@ class SessionRunner:
             # From here on the session ends exactly once: no cancel may cut the last publish,
             # the decoder close (which saves the clip) or the registry update.
             self._finishing = True
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self._drop_superseded())
             if pending is not None and self.end_reason != "failed" and not self.lease_lost:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await asyncio.shield(self._publish(pending))
@@ -389,6 +489,10 @@ class GeneratorService:
         self.text_max_length = self.engine.preset.text_encoder.max_length
         self.metrics = Metrics.create("auto")
         self.step_times = StepTimes()
+        # What a redo costs here (`SessionRunner._redo_wanted`): applying a garment switch, and whole
+        # redos (decided -> the redone chunk sent)
+        self.switch_seconds = Recent()
+        self.redo_seconds = Recent()
         self.batcher: ChunkBatcher | None = None
         self._compute_gauged = -math.inf  # when the compute gauges were last set (monotonic)
         self.warmup_seconds = self._warm_up()
@@ -484,6 +588,12 @@ class GeneratorService:
                 generate_batch(sessions[:size])
                 self.engine.synchronize()
                 self.step_times.observe(size, time.perf_counter() - t0)
+            t0 = time.perf_counter()  # the engine's part of a garment switch (the encodes run elsewhere)
+            sessions[0].switch_latents(
+                torch.randn(shape, generator=gen), SwitchOptions(), torch.randn(shape, generator=gen)
+            )
+            self.engine.synchronize()
+            self.switch_seconds.observe(time.perf_counter() - t0)
         finally:
             for s in sessions:
                 s.close()
@@ -531,6 +641,11 @@ class GeneratorService:
             f"{sessions} sessions would need {verdict.round_seconds:.3f} s of compute per "
             f"{verdict.chunk_seconds:.2f} s chunk (headroom {cfg.realtime_headroom:.0%})"
         )
+
+    def has_spare_compute(self) -> bool:
+        """Whether the open sessions and one more would all hold playback speed with the configured
+        headroom (by the admission rule; True when admission by compute is off or unmeasured)."""
+        return self._compute_refusal(len(self.runners) + 1) is None
 
     def _try_admit(self, session_id: str) -> bool:
         """Check capacity (KV memory, and compute at playback speed) and take a slot in one step

@@ -121,7 +121,7 @@ class FrameSlots:
             raise ValueError("need 0 < sink_frames < max_frames")
         self.sink_frames = sink_frames
         self.max_frames = max_frames
-        self.next_frame_id = 0  # latent frames generated since open (never reset)
+        self.next_frame_id = 0  # latent frames generated since open (a withdraw keeps it; only a rewind steps back)
         self.sink: list[int] = []  # frame ids in slots 0..len-1
         self.window: deque[tuple[int, int]] = deque()  # (slot, frame id), oldest first
         self._window_writes = 0

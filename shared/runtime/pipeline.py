@@ -317,6 +317,15 @@ class VideoSession:
         self._switch_pending = True
         return applied
 
+    def rewind(self, chunk_index: int, prompt_updated: bool = False) -> None:
+        """Latent level: drop the chunks from `chunk_index` on, generated but never shown, before a
+        switch that withdraws their history anyway (`StreamingSession.rewind`): the switch then
+        takes effect at `chunk_index`. Their decode is the caller's to drop (the generator service
+        re-primes its decoder). `prompt_updated`: the first dropped chunk was the first under a new
+        prompt, so its redo is reported as such."""
+        self.latent.rewind(chunk_index)
+        self._prompt_pending = self._prompt_pending or prompt_updated
+
     def set_prompt(self, text: torch.Tensor, prompt: str = "", options: PromptOptions = PromptOptions()) -> None:
         """Replace the text context [1, Lt, text_dim] from the next chunk on, re-caching the cond
         KV (and the window's, if `options.recache_window`) under it."""
@@ -362,7 +371,7 @@ class VideoSession:
         decoder = self._require_decoder()
         first_frame = decoder.frames_decoded
         pixels, dec_s = self._timed(decoder.decode_chunk, chunk.latents)
-        self.last_frame = pixels[:, :, -1]
+        self.last_frame = pixels[:, :, -1].clone()  # a copy: a view would keep the whole chunk's pixels
         frames = to_uint8_frames(pixels)
         return ChunkResult(
             chunk.index, chunk.latents, frames, first_frame, chunk.generate_seconds, dec_s, chunk.switched

@@ -19,9 +19,44 @@ Pure Python (no torch): the gateway and tests read it too.
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 import threading
 from dataclasses import dataclass
+
+
+class Ema:
+    """An exponential moving average of measured seconds (the first sample sets it; None before)."""
+
+    def __init__(self, smoothing: float = 0.2) -> None:
+        if not 0 < smoothing <= 1:
+            raise ValueError("smoothing must lie in (0, 1]")
+        self.smoothing = smoothing
+        self.value: float | None = None
+
+    def observe(self, x: float) -> float:
+        self.value = x if self.value is None else self.value + self.smoothing * (x - self.value)
+        return self.value
+
+
+class Recent:
+    """The last `n` measurements: their median (one slow outlier, such as the first call of a cold
+    path, does not steer decisions for long) and their max (a cautious bound). None before the first."""
+
+    def __init__(self, n: int = 5) -> None:
+        self._recent: collections.deque[float] = collections.deque(maxlen=n)
+
+    def observe(self, x: float) -> None:
+        self._recent.append(x)
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self._recent) if self._recent else None
+
+    @property
+    def max(self) -> float | None:
+        return max(self._recent) if self._recent else None
 
 
 @dataclass(frozen=True)
@@ -42,11 +77,10 @@ class StepTimes:
         """`min_gain`: a larger batch is chosen only if it is at least this much cheaper per
         session than the best smaller one (measurement noise never tips a compute-bound
         replica into batches that cost more than they save)."""
-        if not 0 < smoothing <= 1:
-            raise ValueError("smoothing must lie in (0, 1]")
+        Ema(smoothing)  # checks it
         self.smoothing = smoothing
         self.min_gain = min_gain
-        self._seconds: dict[int, float] = {}
+        self._seconds: dict[int, Ema] = {}
         self._lock = threading.Lock()
         for size, seconds in (initial or {}).items():
             self.observe(size, seconds)
@@ -56,12 +90,11 @@ class StepTimes:
         if size < 1 or not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"bad step measurement: size={size}, seconds={seconds}")
         with self._lock:
-            old = self._seconds.get(size)
-            self._seconds[size] = seconds if old is None else old + self.smoothing * (seconds - old)
+            self._seconds.setdefault(size, Ema(self.smoothing)).observe(seconds)
 
     def table(self) -> dict[int, float]:
         with self._lock:
-            return dict(sorted(self._seconds.items()))
+            return {size: ema.value for size, ema in sorted(self._seconds.items()) if ema.value is not None}
 
     @property
     def measured(self) -> bool:

@@ -331,6 +331,19 @@ class StreamingSession:
         elif options.refresh:
             self._cond_forward(write_from=1)
 
+    def rewind(self, chunk_index: int) -> None:
+        """Go back to chunk `chunk_index` (<= the next chunk index) as if the chunks from there on
+        had never been generated, their history withdrawn: sink and window are dropped, the chunk
+        index and frame ids step back (the noise of a redone chunk is the seed's, as before). That is
+        the state before chunk `chunk_index` only when a switch that withdraws follows (it drops that
+        history anyway) or at chunk 0 (nothing cached yet); the caller guarantees one of the two."""
+        cache = self._require_open()
+        if not 0 <= chunk_index <= self.chunk_index:
+            raise ValueError(f"cannot rewind to chunk {chunk_index}: the session is at chunk {self.chunk_index}")
+        cache.withdraw()
+        self.chunk_index = int(chunk_index)
+        cache.slots.next_frame_id = self.chunk_index * self.preset.streaming.chunk_frames
+
     @torch.no_grad()
     def set_prompt(self, text: torch.Tensor, prompt: str = "", options: PromptOptions = PromptOptions()) -> None:
         """Replace the text cross-attention context from the next chunk on, and re-cache what

@@ -185,6 +185,8 @@ _CATALOG: tuple[MetricSpec, ...] = (
              ("reason",), reason=CLOSE_REASONS),
     _counter("session_paused_total", "pauses", "Times generation paused because the client fell behind."),
     _counter("chunks_generated_total", "chunks", "Video chunks generated."),
+    _counter("chunks_redone_total", "chunks",
+             "Chunks generated but not yet sent that a garment switch replaced (generated again wearing it)."),
     _counter("frames_generated_total", "frames", "Pixel frames generated."),
     # RPC surface.
     _counter("requests_total", "requests", "RPCs handled, by gRPC service, method and status code name.",
@@ -423,6 +425,7 @@ class Metrics:
     sessions_closed_total: Counter
     session_paused_total: Counter
     chunks_generated_total: Counter
+    chunks_redone_total: Counter
     frames_generated_total: Counter
     requests_total: Counter
     request_latency_seconds: Histogram

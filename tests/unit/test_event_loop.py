@@ -215,7 +215,7 @@ class _FakeDecoder(_Handle):
                 init_segment=b"init" if req.reset else b"",
             )
 
-        async def last_frame(session_id):
+        async def last_frame(session_id, chunk_index=None):
             return frame_latent
 
         async def close(req, save_key=None):

@@ -77,6 +77,40 @@ def test_switch_before_first_chunk_replaces_the_garment(engine):
     assert s.switch_options(SwitchOptions()) == SwitchOptions()  # mid-stream: all three steps
 
 
+def test_a_switch_after_a_rewind_gives_what_the_switch_before_those_chunks_gave(engine):
+    """The generator redoes a chunk the client has not received: rewinding to chunk j, then a switch
+    that withdraws, gives chunk j.. exactly as the same switch applied before chunk j (withdraw drops
+    the history those chunks added; the noise is the seed's, by chunk index). A prompt update that
+    took effect at the dropped chunk is reported again at its redo."""
+    text = engine.encode_prompt("p")
+    ref, garment, other = (engine.encode_garment(image(i)) for i in range(3))
+    new_ref = engine.encode_reference(image(3))  # stands for the last frame of chunk j - 1
+
+    def session():
+        s = engine.session()
+        s.open_latents(ref, garment, text, seed=4)
+        return s
+
+    direct, redone = session(), session()
+    for s in (direct, redone):
+        s.generate()
+        s.set_prompt(engine.encode_prompt("q"), "q")
+    direct.switch_latents(other, SwitchOptions(), new_ref)
+    want = [direct.generate() for _ in range(2)]
+    dropped = [redone.generate(), redone.generate()]  # chunks 1, 2: never shown
+    assert dropped[0].prompt_updated
+    redone.rewind(1, prompt_updated=dropped[0].prompt_updated)
+    assert redone.chunk_index == 1 and redone.latent.cache.slots.num_valid == 0
+    redone.switch_latents(other, SwitchOptions(), new_ref)
+    got = [redone.generate() for _ in range(2)]
+    assert [(c.index, c.switched, c.prompt_updated) for c in got] == [(1, True, True), (2, False, False)]
+    for a, b in zip(want, got):
+        assert torch.equal(a.latents, b.latents)
+    assert not torch.equal(dropped[0].latents, got[0].latents)  # the redone chunk wears the new garment
+    with pytest.raises(ValueError, match="cannot rewind"):
+        redone.rewind(5)  # past the next chunk
+
+
 def test_disentangle_without_a_decoded_frame_is_refused(engine):
     s = engine.session()
     s.open(image(0), image(1), "p", seed=1)

@@ -13,7 +13,7 @@ import torch
 
 from services.generator.batcher import ChunkBatcher
 from services.generator.routing import rank_replicas
-from shared.runtime.scheduling import StepTimes
+from shared.runtime.scheduling import Recent, StepTimes
 
 # ---- StepTimes -------------------------------------------------------------------------------
 
@@ -201,3 +201,11 @@ def test_a_step_does_not_wait_for_others_when_every_session_is_already_due():
         return await asyncio.wait_for(batcher.generate(_Session("only")), timeout=5.0)
 
     assert asyncio.run(main())[0].index == 0
+
+
+def test_recent_keeps_the_last_n_measurements():
+    r = Recent(3)
+    assert r.median is None and r.max is None
+    for x in (5.0, 0.1, 0.2, 0.3):  # the first (a cold path, say) has left the window
+        r.observe(x)
+    assert r.median == 0.2 and r.max == 0.3

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from fashionchameleon.v1 import decoder_pb2
-from services.common.tensors import tensor_to_proto
+from services.common.tensors import tensor_from_proto, tensor_to_proto
 from shared.config import AppConfig, ModelConfig
 from shared.media.fmp4 import FragmentedMp4Muxer, iter_boxes, split_init_segment
 from shared.models.presets import get_preset
+from shared.runtime.decode import StreamingDecoder
 from shared.sessionbus.sessions import LeaseHeld
 from shared.sessionbus.streams import SessionClosed
 from shared.storage.config import LocalStoreConfig, StorageConfig
@@ -134,6 +135,31 @@ def test_a_primed_reset_keeps_frame_counts_timeline_and_the_whole_clip(decoder, 
     got = pts(saved)  # every chunk once (the superseded chunk 3 was cut), timeline strictly rising
     assert len(got) == 9 + 12 * 4
     assert np.allclose(np.diff(got), 1 / FPS)
+
+
+def test_the_decoder_holds_the_last_frame_of_the_last_two_chunks_for_a_switch(decoder):
+    """A switch's new reference is the last frame of the chunk before the one it takes effect at,
+    which is the chunk before the last decoded one when the generator redoes an unsent chunk."""
+    from services.common.errors import FailedPrecondition
+
+    def encoded(resp):  # what encode_last_frame must give for that chunk: its last frame, encoded
+        return decoder.engine.encode_frame(tensor_from_proto(resp.last_frame))
+
+    def asked(chunk=None):
+        return tensor_from_proto(asyncio.run(decoder.encode_last_frame("ses_a", chunk)))
+
+    lats = [latents(i) for i in range(5)]
+    resps = [decode(decoder, k, lats[k], reset=k == 0, return_last_frame_tensor=True) for k in range(3)]
+    assert torch.equal(asked(), encoded(resps[2])) and torch.equal(asked(2), encoded(resps[2]))
+    assert torch.equal(asked(1), encoded(resps[1]))
+    with pytest.raises(FailedPrecondition) as err:  # older ones are let go
+        asked(0)
+    assert err.value.reason == "CHUNK_OUT_OF_ORDER" and err.value.metadata["held"] == "1,2"
+    # chunk 2 dropped and redone: a new stream primed with chunk 1; the primer's last frame is chunk 1's
+    redone = decode(decoder, 2, lats[3], reset=True, prime=lats[1], return_last_frame_tensor=True)
+    fresh = StreamingDecoder(decoder.engine.vae).decode_chunk(lats[1])  # the primer, decoded on its own
+    assert torch.equal(asked(1), decoder.engine.encode_frame(fresh[:, :, -1]))
+    assert torch.equal(asked(2), encoded(redone))
 
 
 def test_a_reset_without_a_primer_restarts_the_decode_state(decoder):

@@ -122,8 +122,11 @@ class StudioServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SwitchGarment(self, request, context):
-        """Switches the garment. Takes effect at the next chunk boundary that has not started
-        generating yet; the response says which chunk (VideoChunk.switch_applied marks it).
+        """Switches the garment. With withdraw_history_kv on (the default) it takes effect at the first
+        chunk not yet released to the session's stream: a chunk generated but not yet released is
+        generated again wearing the new garment, unless that would make it late for its playback time.
+        Otherwise it takes effect at the next chunk boundary that has not started generating yet. The
+        response says which chunk (VideoChunk.switch_applied marks it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
