@@ -121,6 +121,7 @@ class SessionRunner:
     _prompt_issued: list = field(default_factory=list)  # issued_at of prompt updates applied, not yet generated
     _redoing: tuple[int, float] | None = None  # (chunk, monotonic time) of a redo until that chunk is sent
     _superseded: _Pending | None = None  # a redone chunk's first decode: awaited before its redo is sent
+    _init_segment: bytes | None = None  # the init segment the session's stream has (fMP4 ftyp + moov)
 
     def stop(self) -> None:
         """End the loop; finish() then frees the cache, closes the decode state and saves the
@@ -257,8 +258,17 @@ class SessionRunner:
             resp = await svc.decoder.options(session_id=self.session_id).DecodeChunk.remote(pending.request)
         self._decode_s = resp.timings.total_seconds
         self._advance_playback_clock(pending.index)
-        if resp.init_segment:
-            await svc.redis.set(svc.init_key(self.session_id), resp.init_segment, ex=24 * 3600)
+        piece, init = resp.fmp4, resp.init_segment
+        if init:  # chunk 0, or a restarted decode stream (a redo for a switch, a failover, a decoder move)
+            if pending.index > 0 and self._init_segment is None:  # a rebuilt runner: the session's so far
+                self._init_segment = await svc.redis.get(svc.init_key(self.session_id))
+            if pending.index > 0 and init == self._init_segment and piece.startswith(init):
+                # the same codec configuration: the stream goes on without a new init segment
+                # (VideoChunk.is_init_segment_included: chunk 0 and codec changes only)
+                piece, init = piece[len(init) :], b""
+            else:
+                self._init_segment = init
+                await svc.redis.set(svc.init_key(self.session_id), init, ex=24 * 3600)
         if resp.last_frame_png:  # what a rebuilt session continues from
             key = svc.recovery_key(self.session_id, "last")
             await svc.redis.hset(
@@ -275,13 +285,13 @@ class SessionRunner:
             **pending.meta,
             "num_frames": resp.num_frames,
             "first_frame_index": resp.first_frame_index,
-            "init_included": bool(resp.init_segment),
+            "init_included": bool(init),
             "mime_type": resp.mime_type,
             "fps": resp.fps,
             "decode_seconds": resp.timings.total_seconds,
             "ready_at": time.time(),
         }
-        await svc.registry.output(self.session_id).append(pending.index, resp.fmp4, meta)
+        await svc.registry.output(self.session_id).append(pending.index, piece, meta)
         with contextlib.suppress(Exception):  # a session closing underneath is not an error here
             await svc.registry.set_state(
                 self.session_id,

@@ -117,15 +117,20 @@ def test_a_resumed_stream_lands_at_its_own_timestamps(tmp_path):
     assert start == pytest.approx(21 / 24, abs=1e-3) and end == pytest.approx(45 / 24, abs=1e-3)
 
 
-def test_a_restarted_decode_stream_mid_stream_plays_on_without_a_gap(tmp_path):
+@pytest.mark.parametrize("with_init", [False, True], ids=["init-cut", "init-repeated"])
+def test_a_restarted_decode_stream_mid_stream_plays_on_without_a_gap(tmp_path, with_init):
     """A chunk the generator redoes for a switch (or a failover) comes from a new decode stream: a new
-    muxer whose first piece carries its init segment, at the timeline's frame. Appended after the
-    pieces already sent, the buffered range goes on without a gap."""
+    muxer at the timeline's frame, whose first piece starts with its init segment. The generator cuts
+    that init segment off when it is the stream's own (the same codec configuration); either way,
+    appended after the pieces already sent, the buffered range goes on without a gap."""
     mime, pieces = stream_pieces()
     restarted = FragmentedMp4Muxer(128, 96, fps=24, start_frame=21, start_sequence=2)
     frames = np.full((12, 96, 128, 3), 90, np.uint8)
     redone = [restarted.add_chunk(frames), restarted.add_chunk(frames)]  # chunks 2 and 3
-    assert split_init_segment(redone[0])[0] == split_init_segment(pieces[0])[0]  # the same init
+    init, media = split_init_segment(redone[0])
+    assert init == split_init_segment(pieces[0])[0]  # the same init
+    if not with_init:
+        redone[0] = media
     result = play(tmp_path, mime, pieces[:2] + redone)
     ((start, end),) = result["buffered"]
     assert start == pytest.approx(0.0, abs=1e-3) and end == pytest.approx(45 / 24, abs=1e-3)

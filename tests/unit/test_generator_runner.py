@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from types import SimpleNamespace
-from unittest.mock import MagicMock
+from unittest.mock import AsyncMock, MagicMock
 
 import numpy as np
 import pytest
@@ -384,6 +384,38 @@ def test_a_switch_read_before_chunk_0_is_sent_redoes_chunk_0_with_the_new_garmen
     for k, req in enumerate(requests):
         assert torch.equal(tensor_from_proto(req.latents), cli[k][0])
         assert chunks[k][2] == cli[k][1].numpy().tobytes()
+
+
+@pytest.mark.parametrize("same_codec", [True, False])
+def test_a_redone_chunk_carries_an_init_segment_only_if_the_codec_configuration_changed(engine, no_sdpa, same_codec):
+    """VideoChunk.is_init_segment_included: set on chunk 0 and when the codec configuration changes.
+    A redo restarts the decode stream, whose first piece starts with its init segment; the same one
+    as the stream's is cut off (the timeline goes on), a different one is kept and stored."""
+    images = _images()
+    svc = _generator(engine, images)
+    svc.redis = AsyncMock()
+    inits = iter([b"INIT-A", b"INIT-A" if same_codec else b"INIT-B"])
+    decode = svc.decoder._decode
+
+    def with_init(req):
+        resp = decode(req)
+        if req.reset:
+            resp.init_segment = next(inits)
+            resp.fmp4 = resp.init_segment + resp.fmp4
+        return resp
+
+    svc.decoder._decode = with_init
+    queued = {2: [_cmd(CommandType.SWITCH_GARMENT, garment_key="img2")]}
+    asyncio.run(_run_session(svc, images, queued, max_chunks=3))
+
+    chunks, _ = _published(svc)
+    assert [(r.chunk_index, r.reset) for r in svc.decoder.requests] == [(0, True), (1, False), (1, True), (2, False)]
+    assert [e[3]["init_included"] for e in chunks] == [True, not same_codec, False]
+    assert chunks[0][2].startswith(b"INIT-A") and not chunks[2][2].startswith(b"INIT")
+    assert chunks[1][2].startswith(b"INIT-B") is (not same_codec)
+    assert not chunks[1][2].startswith(b"INIT-A")
+    stored = [c.args[1] for c in svc.redis.set.await_args_list if c.args[0] == svc.init_key("ses_loop")]
+    assert stored == ([b"INIT-A"] if same_codec else [b"INIT-A", b"INIT-B"])
 
 
 def test_a_switch_that_keeps_the_history_takes_effect_after_the_unsent_chunk(engine, no_sdpa):
