@@ -26,20 +26,6 @@ import threading
 from dataclasses import dataclass
 
 
-class Ema:
-    """An exponential moving average of measured seconds (the first sample sets it; None before)."""
-
-    def __init__(self, smoothing: float = 0.2) -> None:
-        if not 0 < smoothing <= 1:
-            raise ValueError("smoothing must lie in (0, 1]")
-        self.smoothing = smoothing
-        self.value: float | None = None
-
-    def observe(self, x: float) -> float:
-        self.value = x if self.value is None else self.value + self.smoothing * (x - self.value)
-        return self.value
-
-
 class Recent:
     """The last `n` measurements: their median (one slow outlier, such as the first call of a cold
     path, does not steer decisions for long) and their max (a cautious bound). None before the first."""
@@ -77,10 +63,11 @@ class StepTimes:
         """`min_gain`: a larger batch is chosen only if it is at least this much cheaper per
         session than the best smaller one (measurement noise never tips a compute-bound
         replica into batches that cost more than they save)."""
-        Ema(smoothing)  # checks it
+        if not 0 < smoothing <= 1:
+            raise ValueError("smoothing must lie in (0, 1]")
         self.smoothing = smoothing
         self.min_gain = min_gain
-        self._seconds: dict[int, Ema] = {}
+        self._seconds: dict[int, float] = {}
         self._lock = threading.Lock()
         for size, seconds in (initial or {}).items():
             self.observe(size, seconds)
@@ -90,11 +77,12 @@ class StepTimes:
         if size < 1 or not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"bad step measurement: size={size}, seconds={seconds}")
         with self._lock:
-            self._seconds.setdefault(size, Ema(self.smoothing)).observe(seconds)
+            old = self._seconds.get(size)
+            self._seconds[size] = seconds if old is None else old + self.smoothing * (seconds - old)
 
     def table(self) -> dict[int, float]:
         with self._lock:
-            return {size: ema.value for size, ema in sorted(self._seconds.items()) if ema.value is not None}
+            return dict(sorted(self._seconds.items()))
 
     @property
     def measured(self) -> bool:
