@@ -241,7 +241,9 @@ def run_demo(args) -> int:
         target, api_key = emb.grpc_target, emb.api_key
     person = _image_bytes("person.png", (90, 110, 150))
     garments = [_image_bytes("garment-red.png", (200, 40, 50)), _image_bytes("garment-green.png", (40, 150, 80))]
-    switch_at = {1: garments[1], 3: garments[0]}  # after receiving chunk 1 and 3
+    # (not before chunk, garment): the first switch after receiving chunk 1, the second after chunk 3
+    # and not before the first one shows (sent earlier, it would replace the first in its chunk)
+    plan = [(1, garments[1]), (3, garments[0])]
     try:
         with StudioClient(target, api_key) as client:
             t0 = time.perf_counter()
@@ -268,9 +270,11 @@ def run_demo(args) -> int:
                     for s in switches:
                         if chunk.switch_applied and "visible_seconds" not in s and chunk.index >= s["effective_chunk"]:
                             s["visible_seconds"] = now - s["sent"]
-                    if chunk.index in switch_at:
+                    due = plan and chunk.index >= plan[0][0] and chunk.index + 1 < args.chunks
+                    if due and all(chunk.index >= s["effective_chunk"] for s in switches):
+                        _, garment = plan.pop(0)
                         sent = time.perf_counter()
-                        resp = client.switch_garment(session.session_id, switch_at[chunk.index])
+                        resp = client.switch_garment(session.session_id, garment)
                         switches.append(
                             {
                                 "after_chunk": chunk.index,

@@ -298,7 +298,9 @@ def test_demo_command_against_the_running_suite(suite, tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["chunks"] == 6 and summary["mp4_frames"] == 9 + 12 * 5
-    assert [s["after_chunk"] for s in summary["switches"]] == [1, 3]
+    first, second = summary["switches"]  # the second once the first shows, not before chunk 3
+    assert first["after_chunk"] == 1 and second["after_chunk"] >= max(3, first["effective_chunk"])
+    assert first["effective_chunk"] < second["effective_chunk"] < 6
     assert summary["time_to_first_chunk_seconds"] > 0
 
 
